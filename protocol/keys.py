@@ -1,0 +1,39 @@
+"""Every Redis key and channel name spindle uses, written once.
+
+Jobs:      stream  ``spindle:jobs:<model>``, consumer group ``workers`` (at-least-once, XAUTOCLAIM)
+Tokens:    channel ``spindle:events:<gateway_id>`` (one per gateway instance, not per request)
+Cancel:    channel ``spindle:cancel`` (broadcast to workers) + key ``spindle:cancelled:<request_id>``
+           (for a job that is picked up after the broadcast went out)
+Workers:   key ``spindle:worker:<worker_id>`` (JSON ``WorkerInfo``, expires after the heartbeat TTL)
+Progress:  key ``spindle:progress:<request_id>`` (tokens delivered so far, for takeover after a crash)
+Dead jobs: stream ``spindle:deadletter``
+"""
+
+from __future__ import annotations
+
+PREFIX = "spindle"
+JOBS_GROUP = "workers"
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+CONTROL_CHANNEL = f"{PREFIX}:control"
+DEADLETTER_STREAM = f"{PREFIX}:deadletter"
+WORKER_KEY_PATTERN = f"{PREFIX}:worker:*"
+
+
+def jobs_stream(model: str) -> str:
+    return f"{PREFIX}:jobs:{model}"
+
+
+def events_channel(gateway_id: str) -> str:
+    return f"{PREFIX}:events:{gateway_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def cancelled_key(request_id: str) -> str:
+    return f"{PREFIX}:cancelled:{request_id}"
+
+
+def progress_key(request_id: str) -> str:
+    return f"{PREFIX}:progress:{request_id}"

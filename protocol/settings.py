@@ -1,0 +1,104 @@
+"""Settings for every service, read from environment variables only.
+
+One class per service; the variable names are the field names in upper case (no prefix, because the
+names users know from the seeds -- ``REDIS_URL``, ``QUEUE_CAPACITY``, ``MAX_CONCURRENT_REQUESTS`` --
+are what they will type). Every variable is listed with its default in ``.env.example``; the test
+``tests/unit/test_env_example.py`` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_instance_id(prefix: str) -> str:
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class CommonSettings(BaseSettings):
+    """What every service needs: where Redis and the artifacts are, which model is the default."""
+
+    model_config = SettingsConfigDict(extra="ignore", env_file=None, populate_by_name=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    artifacts_dir: Path = REPO_ROOT / "var" / "artifacts"
+    # Models shipped inside the repo/image (the offline default); searched after artifacts_dir.
+    bundled_models_dir: Path = REPO_ROOT / "models"
+    default_model: str = "tiny-shakespeare"
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", description="json or text")
+
+
+class GatewaySettings(CommonSettings):
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    gateway_id: str = Field(default_factory=lambda: _default_instance_id("gw"))
+    # Comma-separated bearer keys; empty means no auth.
+    api_keys: str = ""
+    # Jobs waiting in one model's stream (not yet taken by a worker) before new ones get a 429.
+    queue_capacity: int = 256
+    # In-flight requests per API key (or per client address when auth is off); 0 = unlimited.
+    max_concurrent_requests: int = 0
+    # Seconds a request may take end to end; the job's deadline.
+    request_timeout: float = 300.0
+    # Default max_tokens when a request gives none.
+    default_max_tokens: int = 256
+    # Largest request body accepted, bytes.
+    max_request_bytes: int = 1_000_000
+    # A live worker is one whose heartbeat is younger than this (seconds); the key's TTL.
+    heartbeat_ttl: float = 10.0
+
+
+class WorkerSettings(CommonSettings):
+    worker_id: str = Field(default_factory=lambda: _default_instance_id("wk"))
+    # Comma-separated model names this worker serves; empty means default_model.
+    worker_models: str = ""
+    # Engine: "paged" (continuous batching, the default), "simple" (one sequence at a time) or
+    # "echo" (no model; for testing the serving fabric only).
+    engine: str = "paged"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    max_batch: int = 32
+    max_num_batched_tokens: int = 512
+    kv_cache_memory: str = "512MiB"
+    kv_block_size: int = 16
+    heartbeat_interval: float = 2.0
+    heartbeat_ttl: float = 10.0
+    # Seconds a SIGTERMed worker lets in-flight jobs finish before handing the rest back.
+    drain_timeout: float = 30.0
+    # A pending job idle this long (ms) in a dead worker's list is taken over.
+    claim_idle_ms: int = 15_000
+    # Deliveries after which a job goes to the dead-letter stream.
+    max_deliveries: int = 3
+    worker_metrics_port: int = 0  # 0 = no metrics server
+    torch_threads: int = 0  # 0 = torch's default
+
+    def served_models(self) -> list[str]:
+        names = [m.strip() for m in self.worker_models.split(",") if m.strip()]
+        return names or [self.default_model]
+
+
+class ManagerSettings(CommonSettings):
+    manager_host: str = "127.0.0.1"
+    manager_port: int = 8001
+    admin_api_key: str = ""
+    # Largest tarball accepted by POST /models/import, bytes.
+    max_upload_bytes: int = 20 * 1024**3
+    allow_pickle_weights: bool = False
+    hf_token: str = ""
+
+
+class UISettings(CommonSettings):
+    ui_port: int = 3000
+    gateway_url: str = "http://127.0.0.1:8000"
+    manager_url: str = "http://127.0.0.1:8001"
+    api_key: str = ""
+    admin_api_key: str = ""
