@@ -102,3 +102,18 @@ class UISettings(CommonSettings):
     manager_url: str = "http://127.0.0.1:8001"
     api_key: str = ""
     admin_api_key: str = ""
+
+
+class LauncherSettings(CommonSettings):
+    """``spindle up``: the embedded run (local processes, an embedded Redis)."""
+
+    # Which services to start; "redis" is started only when REDIS_URL is not set in the environment.
+    services: str = "gateway,worker,model-manager,ui"
+    worker_count: int = 1
+    embedded_redis_port: int = 6379
+    # Where the embedded Redis keeps its data (and the launcher its logs).
+    state_dir: Path = REPO_ROOT / "var"
+    # First metrics port of the workers (worker i gets base + i); 0 = no worker metrics.
+    worker_metrics_port_base: int = 9100
+    # Seconds to wait for children to exit after SIGTERM before SIGKILL.
+    shutdown_grace: float = 40.0

@@ -1,0 +1,59 @@
+"""``python -m worker``: load the configured models and serve their job streams until SIGTERM.
+
+SIGTERM/SIGINT: stop taking jobs, let in-flight ones finish within DRAIN_TIMEOUT, then exit; jobs
+still unfinished stay un-acked in the stream's pending list, where another worker takes them over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from protocol.artifacts import ArtifactStore
+from protocol.logs import setup_logging
+from protocol.settings import WorkerSettings
+from worker.service import Worker
+
+log = logging.getLogger("worker")
+
+
+async def serve(settings: WorkerSettings) -> None:
+    from worker.engine.loader import load_engine
+
+    store = ArtifactStore(settings.artifacts_dir, settings.bundled_models_dir)
+    worker = Worker(settings)
+    for model in settings.served_models():
+        model_dir = store.find(model)
+        if model_dir is None:
+            raise SystemExit(f"model {model!r} is not in {settings.artifacts_dir} "
+                             f"nor {settings.bundled_models_dir}")
+        engine = await asyncio.to_thread(load_engine, settings.engine, model_dir, settings.device,
+                                         settings.dtype, settings)
+        worker.add_model(model, engine, str(getattr(engine, "device", "cpu")),
+                         str(getattr(engine, "dtype", "")).replace("torch.", ""))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    await stop.wait()
+    log.info("stopping: draining for up to %.0fs", settings.drain_timeout)
+    left = await worker.drain(settings.drain_timeout)
+    if left:
+        log.warning("%d jobs unfinished at shutdown; they stay pending for takeover", left)
+    await worker.stop()
+
+
+def main() -> None:
+    settings = WorkerSettings()
+    setup_logging("worker", settings.log_level, settings.log_format)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The worker's queue side: pull jobs from Redis, feed the engines, publish their tokens.
+
+One ``ModelServer`` per served model owns an engine thread and reads that model's stream as a member
+of the ``workers`` consumer group, asking for at most as many jobs as it has free slots (batching
+starts in the queue). Every engine step's outputs are published in one pipelined round trip: one
+PUBLISH of an ``EventBatch`` per gateway, plus XACK+XDEL of the jobs that finished (a finished job
+leaves the stream, so the stream's length is the work not yet done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from protocol import keys
+from protocol.messages import CancelMessage, EventBatch, Job, TokenEvent, WorkerInfo
+from protocol.settings import WorkerSettings
+from worker.engine.api import Engine, EngineOutput, EngineRequest
+from worker.engine_thread import EngineThread
+
+log = logging.getLogger("worker")
+
+CANCELLED_TTL_S = 600
+
+
+@dataclass
+class ActiveJob:
+    job: Job
+    entry_id: str
+    received_at: float = field(default_factory=time.time)
+    seq: int = 0
+    generated: int = 0
+
+
+async def ensure_group(r: aioredis.Redis, stream: str) -> None:
+    try:
+        await r.xgroup_create(stream, keys.JOBS_GROUP, id="0", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+class ModelServer:
+    """One model on this worker: its engine thread, its stream, its jobs in flight."""
+
+    def __init__(self, worker: Worker, model: str, engine: Engine, device: str = "cpu", dtype: str = ""):
+        self.worker = worker
+        self.model = model
+        self.engine = engine
+        self.device = device
+        self.dtype = dtype
+        self.stream = keys.jobs_stream(model)
+        self.jobs: dict[str, ActiveJob] = {}
+        self.capacity = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.thread = EngineThread(
+            engine, lambda outs: loop.call_soon_threadsafe(worker.outputs.put_nowait, (self, outs)),
+            name=f"engine-{model}")
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.worker.settings.max_batch - len(self.jobs))
+
+    async def consume(self) -> None:
+        """Pull jobs while we have free slots; block in XREADGROUP when idle."""
+        w = self.worker
+        await w.with_redis_retry(lambda r: ensure_group(r, self.stream))
+        while not w.draining:
+            free = self.free_slots
+            if free == 0:
+                self.capacity.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.capacity.wait(), 0.5)
+                continue
+            try:
+                resp = await w.redis.xreadgroup(keys.JOBS_GROUP, w.id, {self.stream: ">"}, count=free,
+                                                block=1000)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):  # stream deleted (FLUSHALL, Redis restart without AOF)
+                    await w.with_redis_retry(lambda r: ensure_group(r, self.stream))
+                    continue
+                raise
+            except RedisError as e:
+                log.warning("redis read failed (%s); retrying", e)
+                await asyncio.sleep(w.backoff.next())
+                continue
+            w.backoff.reset()
+            for _stream, entries in resp or []:
+                for entry_id, fields in entries:
+                    await self.accept(entry_id, fields)
+
+    async def accept(self, entry_id: bytes | str, fields: dict) -> None:
+        w = self.worker
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        try:
+            job = Job.from_fields(fields)
+        except Exception as e:
+            log.error("malformed job %s dropped to the dead-letter stream: %s", entry_id, e)
+            await w.redis.xadd(keys.DEADLETTER_STREAM, {"stream": self.stream, "entry_id": entry_id,
+                                                        "reason": f"malformed: {e}"[:500]}, maxlen=10_000)
+            await self.ack(entry_id)
+            return
+        active = ActiveJob(job, entry_id)
+        self.jobs[job.request_id] = active
+        if job.deadline is not None and time.time() > job.deadline:
+            await self.finish_early(active, "timeout", "the request's deadline passed while it was queued")
+            return
+        if await w.redis.exists(keys.cancelled_key(job.request_id)):
+            await self.finish_early(active, "cancelled", None)
+            return
+        self.thread.add(EngineRequest(job.request_id, job.prompt_token_ids, job.params,
+                                      resume_token_ids=list(job.resume_token_ids)))
+
+    async def finish_early(self, active: ActiveJob, reason: str, error: str | None) -> None:
+        out = EngineOutput(active.job.request_id, [], "", reason, len(active.job.prompt_token_ids), 0,
+                           error=error)  # type: ignore[arg-type]
+        await self.worker.publish(self, [out])
+
+    async def ack(self, entry_id: str) -> None:
+        async with self.worker.redis.pipeline(transaction=False) as p:
+            p.xack(self.stream, keys.JOBS_GROUP, entry_id)
+            p.xdel(self.stream, entry_id)
+            await p.execute()
+
+
+class Backoff:
+    def __init__(self, first: float = 0.1, cap: float = 5.0):
+        self.first, self.cap, self.cur = first, cap, first
+
+    def next(self) -> float:
+        d, self.cur = self.cur, min(self.cap, self.cur * 2)
+        return d
+
+    def reset(self) -> None:
+        self.cur = self.first
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, redis_client: aioredis.Redis | None = None):
+        self.settings = settings
+        self.id = settings.worker_id
+        self.redis = redis_client or aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+        self.servers: dict[str, ModelServer] = {}
+        self.outputs: asyncio.Queue[tuple[ModelServer, list[EngineOutput]]] = asyncio.Queue()
+        self.draining = False
+        self.backoff = Backoff()
+        self._tasks: list[asyncio.Task] = []
+        self.started_at = time.time()
+
+    def add_model(self, model: str, engine: Engine, device: str = "cpu", dtype: str = "") -> ModelServer:
+        server = ModelServer(self, model, engine, device, dtype)
+        server.thread.start()
+        self.servers[model] = server
+        return server
+
+    async def with_redis_retry(self, fn, attempts: int = 50):
+        backoff = Backoff()
+        for i in range(attempts):
+            try:
+                return await fn(self.redis)
+            except RedisError as e:
+                if i == attempts - 1:
+                    raise
+                log.warning("redis unavailable (%s); retrying", e)
+                await asyncio.sleep(backoff.next())
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.with_redis_retry(lambda r: r.ping())
+        self._tasks = [asyncio.create_task(self._publisher(), name="publisher"),
+                       asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                       asyncio.create_task(self._cancel_listener(), name="cancel-listener")]
+        for s in self.servers.values():
+            self._tasks.append(asyncio.create_task(s.consume(), name=f"consume-{s.model}"))
+        await self.heartbeat_once()
+        log.info("worker %s serving %s", self.id, ", ".join(self.servers), extra={"worker_id": self.id})
+
+    async def drain(self, timeout: float) -> int:
+        """Stop taking jobs; wait up to ``timeout`` for in-flight ones. Returns how many are left."""
+        self.draining = True
+        await self.heartbeat_once()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(s.jobs for s in self.servers.values()):
+            await asyncio.sleep(0.05)
+        return sum(len(s.jobs) for s in self.servers.values())
+
+    async def stop(self) -> None:
+        self.draining = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for s in self.servers.values():
+            s.thread.stop()
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(keys.worker_key(self.id))
+        await self.redis.aclose()
+
+    # -- tasks -------------------------------------------------------------------------------------
+    async def _publisher(self) -> None:
+        while True:
+            server, outs = await self.outputs.get()
+            try:
+                await self.publish(server, outs)
+            except RedisError as e:
+                log.error("publishing %d outputs failed: %s", len(outs), e)
+
+    async def publish(self, server: ModelServer, outs: list[EngineOutput]) -> None:
+        """One round trip: each gateway's events in one PUBLISH, finished jobs acked and deleted."""
+        by_gateway: dict[str, list[TokenEvent]] = defaultdict(list)
+        finished: list[ActiveJob] = []
+        for o in outs:
+            active = server.jobs.get(o.request_id)
+            if active is None:
+                continue
+            job = active.job
+            ev = TokenEvent(request_id=job.request_id, seq=active.seq, token_ids=o.new_token_ids,
+                            text=o.new_text, finish_reason=o.finish_reason, error=o.error,
+                            prompt_tokens=o.num_prompt_tokens or len(job.prompt_token_ids),
+                            completion_tokens=o.num_generated_tokens, logprobs=o.logprobs,
+                            worker_id=self.id)
+            if active.seq == 0:
+                ev.queue_time = max(0.0, active.received_at - job.created_at)
+            active.seq += 1
+            by_gateway[job.gateway_id].append(ev)
+            if o.finish_reason is not None:
+                finished.append(active)
+        async with self.redis.pipeline(transaction=False) as p:
+            for gateway_id, events in by_gateway.items():
+                p.publish(keys.events_channel(gateway_id), EventBatch(events=events).encode())
+            for active in finished:
+                p.xack(server.stream, keys.JOBS_GROUP, active.entry_id)
+                p.xdel(server.stream, active.entry_id)
+            await p.execute()
+        for active in finished:
+            server.jobs.pop(active.job.request_id, None)
+        if finished:
+            server.capacity.set()
+
+    def info(self) -> WorkerInfo:
+        running = waiting = 0
+        kv = 0.0
+        for s in self.servers.values():
+            st = s.thread.stats()
+            running += st.running
+            waiting += st.waiting
+            kv = max(kv, st.kv_usage)
+        first = next(iter(self.servers.values()), None)
+        return WorkerInfo(worker_id=self.id, models=list(self.servers), device=first.device if first else "",
+                          dtype=first.dtype if first else "", engine=self.settings.engine,
+                          max_batch=self.settings.max_batch, running=running, waiting=waiting,
+                          kv_usage=kv, started_at=self.started_at, draining=self.draining,
+                          metrics_port=self.settings.worker_metrics_port)
+
+    async def heartbeat_once(self) -> None:
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        await self.redis.set(keys.worker_key(self.id), self.info().model_dump_json(), px=ttl_ms)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.heartbeat_once()
+            except RedisError as e:
+                log.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _cancel_listener(self) -> None:
+        backoff = Backoff()
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                backoff.reset()
+                async for msg in pubsub.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    try:
+                        cancel = CancelMessage.model_validate_json(msg["data"])
+                    except ValueError:
+                        continue
+                    self.cancel(cancel.request_ids)
+            except RedisError as e:
+                log.warning("cancel subscription lost (%s); resubscribing", e)
+                await asyncio.sleep(backoff.next())
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def cancel(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            for s in self.servers.values():
+                if rid in s.jobs:
+                    s.thread.cancel(rid)
