@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# System tools some tests need, from Debian's packages. Installed only when missing and when we can
+# (root with apt-get); otherwise the tests that need them say what is missing.
+set -uo pipefail
+need=()
+command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v chromium >/dev/null || need+=(chromium)
+command -v ip >/dev/null || need+=(iproute2)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "test tools: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+    || echo "test tools: apt-get install failed; dependent tests will skip with a reason"
+else
+  echo "test tools: missing ${need[*]} (not root or no apt-get); dependent tests will skip with a reason"
+fi
+exit 0
