@@ -79,6 +79,8 @@ class TokenEvent(BaseModel):
     token_ids: list[int] = Field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    # With finish_reason "stop": the stop string that ended the generation (None: an EOS/stop token).
+    stop_reason: str | None = None
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far, including these tokens

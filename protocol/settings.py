@@ -49,6 +49,9 @@ class GatewaySettings(CommonSettings):
     max_concurrent_requests: int = 0
     # Seconds a request may take end to end; the job's deadline.
     request_timeout: float = 300.0
+    # Seconds without any event from the worker, once it has started a request, before the request
+    # fails with a timeout (and its job is cancelled).
+    event_timeout: float = 60.0
     # Default max_tokens when a request gives none.
     default_max_tokens: int = 256
     # Largest request body accepted, bytes.
