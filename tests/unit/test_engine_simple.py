@@ -103,3 +103,34 @@ def test_loader(tiny_artifacts) -> None:
     assert parse_bytes("512MiB") == 512 * 1024**2 and parse_bytes("1.5GB") == 1_500_000_000
     assert resolve_dtype("float16", "cpu") == torch.float16
     assert resolve_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
+
+
+def test_engine_thread_delivers_outputs_and_cancels(tiny_artifacts) -> None:
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from worker.engine.engine_thread import EngineThread
+
+    tok = AutoTokenizer.from_pretrained(tiny_artifacts / "tiny-llama")
+    finished: dict[str, str] = {}
+    done = threading.Event()
+
+    def on_outputs(outputs) -> None:
+        for o in outputs:
+            if o.finish_reason:
+                finished[o.request_id] = o.finish_reason
+        if len(finished) == 3:
+            done.set()
+
+    thread = EngineThread(EchoEngine(tok, step_delay=0.001), on_outputs).start()
+    try:
+        thread.add_request(EngineRequest("a", [5, 6], SamplingParams(max_tokens=3)))
+        thread.add_request(EngineRequest("b", [7], SamplingParams(max_tokens=5)))
+        thread.add_request(EngineRequest("c", [8], SamplingParams(max_tokens=100_000)))
+        thread.cancel("c")
+        assert done.wait(30)
+        assert finished == {"a": "length", "b": "length", "c": "cancelled"}
+    finally:
+        thread.stop()
+    assert not thread.alive
