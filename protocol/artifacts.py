@@ -66,6 +66,8 @@ class Manifest(BaseModel):
     passes: list[str] = Field(default_factory=list)
     quality: dict[str, float] = Field(default_factory=dict)
     extra: dict[str, str] = Field(default_factory=dict)
+    # "" = plain weights; "int8" = int8 weight-only (load with optimizer.quant.load_quantized)
+    quantization: str = ""
 
     @property
     def size_bytes(self) -> int:
@@ -120,7 +122,9 @@ def count_parameters(model_dir: Path) -> int:
 def write_manifest(model_dir: Path, name: str, **fields) -> Manifest:
     info = describe_config(model_dir)
     info.update(fields)
-    manifest = Manifest(name=name, files=file_entries(model_dir), **info)
+    # ``files`` may be passed when the caller already hashed them (a pull verifies while downloading).
+    files = info.pop("files", None) or file_entries(model_dir)
+    manifest = Manifest(name=name, files=files, **info)
     (model_dir / MANIFEST).write_text(manifest.model_dump_json(indent=2))
     return manifest
 

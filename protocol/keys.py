@@ -7,6 +7,9 @@ Cancel:    channel ``spindle:cancel`` (broadcast to workers) + key ``spindle:can
 Workers:   key ``spindle:worker:<worker_id>`` (JSON ``WorkerInfo``, expires after the heartbeat TTL)
 Progress:  key ``spindle:progress:<request_id>`` (tokens delivered so far, for takeover after a crash)
 Dead jobs: stream ``spindle:deadletter``
+Control:   channel ``spindle:control`` (``ControlMessage``: model-manager -> workers, load/unload)
+Manager:   rq queue ``spindle-models`` (pull/import/optimize jobs), key ``spindle:manager:lock:<name>``
+           (id of the job writing that model name), hash ``spindle:manager:stats`` (job and byte counters)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 CONTROL_CHANNEL = f"{PREFIX}:control"
 DEADLETTER_STREAM = f"{PREFIX}:deadletter"
 WORKER_KEY_PATTERN = f"{PREFIX}:worker:*"
+MODEL_JOBS_QUEUE = f"{PREFIX}-models"
+MANAGER_STATS_KEY = f"{PREFIX}:manager:stats"
 
 
 def jobs_stream(model: str) -> str:
@@ -37,3 +42,7 @@ def cancelled_key(request_id: str) -> str:
 
 def progress_key(request_id: str) -> str:
     return f"{PREFIX}:progress:{request_id}"
+
+
+def manager_lock_key(model: str) -> str:
+    return f"{PREFIX}:manager:lock:{model}"

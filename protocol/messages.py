@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -124,6 +125,29 @@ class WorkerInfo(BaseModel):
 class CancelMessage(BaseModel):
     v: int = PROTOCOL_VERSION
     request_ids: list[str]
+
+
+class ControlMessage(BaseModel):
+    """model-manager -> workers on ``keys.CONTROL_CHANNEL``: load or unload a model.
+
+    ``worker_id`` None means every worker decides for itself (a "load" is taken by workers that have
+    room for it; an "unload" is done by every worker serving the model). ``model`` is a validated
+    artifact name (``protocol.artifacts.validate_name``).
+    """
+
+    v: int = PROTOCOL_VERSION
+    action: Literal["load", "unload"]
+    model: str
+    worker_id: str | None = None
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = Field(default_factory=time.time)
+
+    def encode(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def decode(cls, data: str | bytes) -> ControlMessage:
+        return cls.model_validate_json(data)
 
 
 def dumps(obj: dict) -> str:

@@ -97,6 +97,15 @@ class ManagerSettings(CommonSettings):
     max_upload_bytes: int = 20 * 1024**3
     allow_pickle_weights: bool = False
     hf_token: str = ""
+    # The Hugging Face Hub (or a mirror); empty means huggingface_hub's default (https://huggingface.co).
+    hf_endpoint: str = ""
+    # POST /models/import {"path": ...} reads only below this directory (tarball uploads go anywhere).
+    import_dir: Path = REPO_ROOT / "var" / "imports"
+    # Bytes a pull/import/optimize must leave free on the artifact volume.
+    min_free_disk_bytes: int = 1024**3
+    # A running job whose progress has not been refreshed for this long counts as dead (its worker
+    # crashed), so a new pull of the same name may take over and resume its partial download.
+    job_stale_seconds: float = 30.0
 
 
 class UISettings(CommonSettings):
