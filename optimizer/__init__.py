@@ -1,0 +1,11 @@
+"""Optimizer: passes that read an artifact and write a new, quality-gated one next to it.
+
+``python -m optimizer tiny-shakespeare --passes bf16,int8`` or, through the model-manager,
+``POST /models/{name}/optimize {"passes": ["bf16", "int8"]}`` (an rq job). See ``passes`` for the
+passes, ``quality`` for the gate and ``quant`` for the int8 format and its loader
+(:func:`optimizer.quant.load_quantized`).
+"""
+
+from optimizer.passes import PASSES, GateFailed, OptimizeError, PassResult, optimize
+
+__all__ = ["PASSES", "GateFailed", "OptimizeError", "PassResult", "optimize"]
