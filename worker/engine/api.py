@@ -51,6 +51,7 @@ class EngineStats:
     last_step_seconds: float = 0.0
     last_batch_size: int = 0
     steps: int = 0
+    preemptions: int = 0  # sequences sent back to wait (KV recomputed later) since start
 
     @property
     def kv_usage(self) -> float:

@@ -46,6 +46,7 @@ class Sequence:
         self.sample_row = SampleRow(self.params, self.generator, self.prompt_ids, self.output_ids)
         # Paged engine bookkeeping.
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, found in the prefix cache at admission
         self.num_preemptions = 0

@@ -1,0 +1,154 @@
+"""The default engine: continuous batching over a paged KV cache with prefix caching.
+
+Each ``step()``: take in new requests and cancellations (cancelled sequences free their blocks
+here, before anything runs), let the scheduler pick decodes and prefill chunks within the token
+budget, run one forward over the packed batch, sample the sequences whose context is complete, and
+turn their tokens into outputs (stops, detokenization). Requests join and leave at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from worker.engine.api import EngineOutput, EngineRequest, EngineStats
+from worker.engine.block_manager import BlockManager
+from worker.engine.model_runner import ModelRunner, kv_bytes_per_block
+from worker.engine.request import OutputProcessor, RequestStatus, Sequence, eos_token_ids, model_max_len
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class PagedEngine:
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 32, max_num_batched_tokens: int = 512,
+                 kv_cache_memory: int = 512 * 1024**2, block_size: int = 16, num_blocks: int | None = None,
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None,
+                 seed: int | None = None) -> None:
+        dtype = next(model.parameters()).dtype
+        if num_blocks is None:
+            num_blocks = kv_cache_memory // kv_bytes_per_block(model.config, block_size, dtype)
+        if num_blocks < 2:
+            raise ValueError(f"KV cache memory {kv_cache_memory} bytes holds fewer than 2 blocks")
+        self.tokenizer = tokenizer
+        self.max_model_len = min(max_model_len or model_max_len(model.config),
+                                 model_max_len(model.config), num_blocks * block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.device = self.runner.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_batch, max_num_batched_tokens)
+        self.sampler = Sampler(self.device, seed)
+        self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}  # live (waiting or running) by request id
+        self._lock = threading.Lock()
+        self._incoming: deque[EngineRequest] = deque()
+        self._cancels: set[str] = set()
+        self._stats = EngineStats(kv_blocks_total=num_blocks)
+
+    # -- thread-safe intake ------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        with self._lock:
+            self._incoming.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            pending = bool(self._incoming or self._cancels)
+        return pending or self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.running = len(self.scheduler.running)
+        s.waiting = len(self.scheduler.waiting) + len(self._incoming)
+        s.kv_blocks_used = self.block_manager.num_used
+        s.prefix_cache_queries = self.block_manager.prefix_queries
+        s.prefix_cache_hits = self.block_manager.prefix_hits
+        s.preemptions = self.scheduler.num_preemptions
+        return s
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def _intake(self, outputs: list[EngineOutput]) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, deque()
+            cancels, self._cancels = self._cancels, set()
+        for req in incoming:
+            if req.request_id in self.seqs:
+                log.warning("duplicate request id %s ignored", req.request_id)
+                continue
+            seq = Sequence(req, self.tokenizer, self.vocab_size, self.device)
+            error = self.outputs.check_admissible(seq)
+            if error:
+                outputs.append(OutputProcessor.finish(seq, "error", error))
+            elif self.outputs.already_done(seq):
+                outputs.append(OutputProcessor.finish(seq, "length"))
+            else:
+                self.seqs[seq.request_id] = seq
+                self.scheduler.add(seq)
+        for rid in cancels:
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                self.scheduler.remove(seq)  # frees its blocks now
+                outputs.append(OutputProcessor.finish(seq, "cancelled"))
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.request_id, None)
+
+    def step(self) -> list[EngineOutput]:
+        start = time.perf_counter()
+        outputs: list[EngineOutput] = []
+        self._intake(outputs)
+        batch = self.scheduler.schedule()
+        for seq in batch.rejected:
+            self.seqs.pop(seq.request_id, None)
+            outputs.append(OutputProcessor.finish(seq, "error", "request does not fit in the KV cache"))
+        if batch.items:
+            try:
+                logits = self.runner.forward(batch.items, batch.num_decodes)
+            except Exception as exc:  # fail this batch's requests, keep the engine alive
+                log.exception("forward failed")
+                for seq, _ in batch.items:
+                    self._finish(seq)
+                    outputs.append(OutputProcessor.finish(seq, "error", f"engine error: {exc}"))
+            else:
+                self._after_forward(batch.items, logits, outputs)
+        s = self._stats
+        s.steps += 1
+        s.last_batch_size = len(batch.items)
+        s.last_step_seconds = time.perf_counter() - start
+        return outputs
+
+    def _after_forward(self, items: list[tuple[Sequence, int]], logits: torch.Tensor,
+                       outputs: list[EngineOutput]) -> None:
+        sampling: list[Sequence] = []
+        for seq, n in items:
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+        if not sampling:
+            return
+        sampled = self.sampler(logits, [s.sample_row for s in sampling])
+        now = time.monotonic()
+        for seq, smp in zip(sampling, sampled, strict=True):
+            outputs.append(self.outputs.append(seq, smp, now))
+            if seq.is_finished:
+                self._finish(seq)
+
+    def check_invariants(self) -> None:
+        """For tests: block accounting matches the live sequences."""
+        live = [s for s in self.scheduler.running if s.status is RequestStatus.RUNNING]
+        assert all(not s.block_table for s in self.scheduler.waiting)
+        self.block_manager.check_invariants(live)
