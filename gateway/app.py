@@ -1,0 +1,90 @@
+"""``create_app(settings)``: the gateway's FastAPI application and its lifespan.
+
+The lifespan owns every background resource: a bounded Redis connection pool, the event dispatcher
+(one pub/sub subscription), the canceller and the tokenizer threads; all are stopped on shutdown.
+The gateway starts even if Redis is down (``/ready`` says so, requests get 503) and connects when
+Redis comes up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from gateway import errors, native_routes, openai_routes, system_routes
+from gateway.admission import Admission
+from gateway.canceller import Canceller
+from gateway.dispatcher import Dispatcher
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.middleware import RequestContextMiddleware
+from gateway.service import Gateway
+from gateway.tokenization import TokenizerCache
+from gateway.workers import WorkerRegistry
+from protocol.artifacts import ArtifactStore
+from protocol.settings import GatewaySettings
+
+log = logging.getLogger("gateway")
+
+REDIS_POOL_SIZE = 64
+
+DESCRIPTION = """OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and native
+endpoints (`/generate`, `/stream`, `/completion`) in front of spindle's Redis job queue. Every error is
+`{"error": {"message", "type", "param", "code"}}`."""
+
+
+def create_redis(settings: GatewaySettings) -> aioredis.Redis:
+    """A bounded pool; commands fail within seconds (a couple of quick retries) when Redis is down."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_POOL_SIZE, timeout=5, socket_timeout=5,
+        socket_connect_timeout=2, health_check_interval=10,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
+    return aioredis.Redis(connection_pool=pool)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = create_redis(settings)
+        gw = Gateway(
+            settings=settings, redis=redis,
+            dispatcher=Dispatcher(settings.redis_url, settings.gateway_id),
+            canceller=Canceller(redis, ttl_seconds=int(settings.request_timeout) + 60),
+            tokenizers=TokenizerCache(ArtifactStore(settings.artifacts_dir, settings.bundled_models_dir)),
+            workers=WorkerRegistry(redis),
+            admission=Admission(redis, settings.api_keys, settings.max_concurrent_requests,
+                                settings.queue_capacity),
+            metrics=metrics)
+        app.state.gateway = gw
+        await gw.dispatcher.start(timeout=5.0)
+        gw.canceller.start()
+        log.info("gateway %s up (redis %s, default model %s)", settings.gateway_id, settings.redis_url,
+                 settings.default_model, extra={"gateway_id": settings.gateway_id})
+        try:
+            yield
+        finally:
+            gw.draining = True
+            await gw.canceller.stop()
+            await gw.dispatcher.stop()
+            gw.tokenizers.close()
+            await redis.aclose(close_connection_pool=True)
+            log.info("gateway %s stopped", settings.gateway_id)
+
+    app = FastAPI(title="spindle gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(openai_routes.router)
+    app.include_router(native_routes.router)
+    app.include_router(system_routes.router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also sees 413s
+    return app

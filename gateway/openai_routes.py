@@ -1,0 +1,134 @@
+"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from gateway import openai_format as fmt
+from gateway import sse
+from gateway.deps import authenticate, get_gateway
+from gateway.generation import Generation, unless_disconnected
+from gateway.middleware import arrival_of, request_id_of
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.service import Gateway
+from gateway.tokenization import model_not_found
+from protocol.errors import APIError
+
+router = APIRouter(tags=["OpenAI"])
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request (OpenAI error object)"},
+    401: {"description": "Missing or invalid API key"},
+    404: {"description": "Unknown model"},
+    413: {"description": "Request body too large"},
+    429: {"description": "Queue full or too many concurrent requests (see Retry-After)"},
+    503: {"description": "No live worker serves the model, or Redis is unavailable (see Retry-After)"},
+    504: {"description": "The request timed out"},
+}
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or with stream=true a text/event-stream of chunks ending in data: [DONE]",
+          "content": {"text/event-stream": {}}},
+}
+
+
+async def _stream(gen: Generation, chunks: fmt.ChunkMaker) -> AsyncIterator[str]:
+    try:
+        if chunks.chat:
+            yield sse.data(chunks.role())
+        try:
+            async for ev in gen.events():
+                if ev.finish_reason is not None:
+                    yield sse.data(chunks.content(ev.text, ev.logprobs, ev.finish_reason))
+                elif ev.text or ev.logprobs:
+                    yield sse.data(chunks.content(ev.text, ev.logprobs))
+            if chunks.include_usage:
+                yield sse.data(chunks.usage(gen.prompt_tokens, gen.completion_tokens))
+        except APIError as e:
+            yield sse.data(e.body())
+        yield sse.DONE
+    finally:
+        gen.close()
+
+
+@router.post("/v1/chat/completions", response_model=None, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
+async def chat_completions(body: ChatCompletionRequest, request: Request, gw: Gateway = Depends(get_gateway),
+                           identity: str = Depends(authenticate)) -> Any:
+    """Chat completion (OpenAI API), streaming with ``stream: true``."""
+    tok = await gw.model_for(body.model)
+    prompt_ids = await gw.encode_chat(tok, [m.for_template() for m in body.messages])
+    max_tokens = gw.plan_max_tokens(tok, len(prompt_ids), body.requested_max_tokens,
+                                    "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    params = body.sampling(max_tokens, logprobs=body.num_logprobs)
+    rid, created = fmt.new_id("chatcmpl"), int(time.time())
+    gen = await gw.submit(tok=tok, prompt_ids=prompt_ids, params=params, request_id=rid, identity=identity,
+                          arrival=arrival_of(request.scope), client_request_id=request_id_of(request.scope))
+    if body.stream:
+        return sse.EventStreamResponse(_stream(gen, fmt.ChunkMaker(rid, tok.name, created, True,
+                                                                   body.include_usage)))
+    try:
+        out = await unless_disconnected(request, gen.collect())
+    finally:
+        gen.close()
+    return fmt.chat_completion(rid, tok.name, created, out)
+
+
+@router.post("/v1/completions", response_model=None, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
+async def completions(body: CompletionRequest, request: Request, gw: Gateway = Depends(get_gateway),
+                      identity: str = Depends(authenticate)) -> Any:
+    """Text completion (OpenAI legacy API), streaming with ``stream: true``."""
+    tok = await gw.model_for(body.model)
+    prompt_ids = await gw.encode_prompt(tok, body.prompt_value())
+    max_tokens = gw.plan_max_tokens(tok, len(prompt_ids), body.max_tokens, "max_tokens")
+    params = body.sampling(max_tokens, logprobs=body.logprobs)
+    rid, created = fmt.new_id("cmpl"), int(time.time())
+    gen = await gw.submit(tok=tok, prompt_ids=prompt_ids, params=params, request_id=rid, identity=identity,
+                          arrival=arrival_of(request.scope), client_request_id=request_id_of(request.scope))
+    if body.stream:
+        return sse.EventStreamResponse(_stream(gen, fmt.ChunkMaker(rid, tok.name, created, False,
+                                                                   body.include_usage)))
+    try:
+        out = await unless_disconnected(request, gen.collect())
+    finally:
+        gen.close()
+    return fmt.text_completion(rid, tok.name, created, out)
+
+
+def _model_card(name: str, manifest: Any | None, served: bool) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": name, "object": "model", "owned_by": "spindle", "served": served,
+                            "in_store": manifest is not None}
+    if manifest is not None:
+        card.update(created=int(manifest.created), context_length=manifest.context_length,
+                    architecture=manifest.architecture, parameter_count=manifest.parameter_count,
+                    source=manifest.source, parent=manifest.parent)
+    else:
+        card["created"] = 0
+    return card
+
+
+@router.get("/v1/models", responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]})
+async def list_models(gw: Gateway = Depends(get_gateway), identity: str = Depends(authenticate)) -> dict[str, Any]:
+    """Models in the artifact store plus those a live worker serves; ``served`` says which can answer now."""
+    manifests = {m.name: m for m in await gw.tokenizers.run(gw.tokenizers.store.list)}
+    served = await gw.workers.served_models()
+    names = sorted(set(manifests) | served)
+    return {"object": "list", "data": [_model_card(n, manifests.get(n), n in served) for n in names]}
+
+
+@router.get("/v1/models/{model_id}", responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]})
+async def get_model(model_id: str, gw: Gateway = Depends(get_gateway),
+                    identity: str = Depends(authenticate)) -> dict[str, Any]:
+    """One model's card; 404 if it is neither in the store nor served."""
+    served = await gw.workers.served_models()
+    try:
+        _path, manifest = await gw.tokenizers.lookup(model_id)
+    except APIError:
+        if model_id not in served:
+            raise
+        manifest = None
+    if manifest is None and model_id not in served:
+        raise model_not_found(model_id)
+    return _model_card(model_id, manifest, model_id in served)
