@@ -8,7 +8,8 @@ heartbeating, and counts as alive).
 Which key: WORKER_ID when it is set (then it must be unique per container: do not set it in a
 compose file that is scaled with ``--scale worker=N``). Otherwise the worker made up its own id,
 ``wk-<hostname>-<pid>-<random>`` (``protocol.settings``); the hostname is unique per container, so
-any key with the prefix ``wk-<hostname>-`` is this container's worker. Exit codes: 0 healthy,
+any key with the prefix ``wk-<hostname>-`` is this container's worker (found with SCAN, which
+stops at the first match and walks a keyspace of short-lived keys). Exit codes: 0 healthy,
 1 unhealthy (no heartbeat, or Redis unreachable), as Docker's HEALTHCHECK expects.
 """
 

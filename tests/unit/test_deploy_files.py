@@ -57,8 +57,8 @@ DOCKERFILES = sorted(p.relative_to(REPO_ROOT).as_posix() for p in REPO_ROOT.glob
 ONE_SHOT = {"optimizer"}
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, **kw)
+def run(cmd: list[str], cwd: Path = REPO_ROOT, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, **kw)
 
 
 def tool(name: str) -> str | None:
@@ -206,7 +206,11 @@ def test_long_running_service_has_healthcheck_and_restart(name):
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_dependencies_wait_for_health(name):
-    for dep, cond in SERVICES[name].get("depends_on", {}).items():
+    depends_on = SERVICES[name].get("depends_on", {})
+    assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions, not a bare list"
+    for dep, cond in depends_on.items():
+        if cond == {"condition": "service_completed_successfully"}:  # a one-shot init step
+            continue
         assert cond == {"condition": "service_healthy"}, f"{name} -> {dep}: {cond}"
         assert "healthcheck" in SERVICES[dep], f"{name} waits for {dep}, which has no healthcheck"
         assert not set(SERVICES[dep].get("profiles", [])) - set(SERVICES[name].get("profiles", [])), \
@@ -288,8 +292,9 @@ def test_service_gets_every_setting_it_reads(name):
     assert not unknown, f"{name} is given variables it does not read: {sorted(unknown)}"
 
 
-def test_every_service_is_given_settings():
-    assert set(SERVICES) - {"redis"} == set(SERVICE_SETTINGS)
+def test_every_service_of_ours_is_given_settings():
+    ours = {name for name, svc in SERVICES.items() if "build" in svc}
+    assert ours == set(SERVICE_SETTINGS), "say in SERVICE_SETTINGS which settings class a new service reads"
 
 
 def test_container_values_are_fixed():
@@ -382,6 +387,38 @@ def test_dockerignore_allows_exactly_what_images_need():
         assert folder in allowed, f"package {package} lives in {folder}/, which .dockerignore keeps out"
     assert {"pyproject.toml", "README.md", "models"} <= allowed
     assert not allowed & {".env", ".venv", "var", ".git", "tests"}
+
+
+def build_context(dest: Path) -> Path:
+    """What `docker build .` sends, per the allow-list .dockerignore (its form is checked above)."""
+    lines = [ln.strip() for ln in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    allowed = [ln[1:].rstrip("/") for ln in lines if ln.startswith("!")]
+    excluded = [ln.removeprefix("**/") for ln in lines[1:] if not ln.startswith("!")]
+    ignore = shutil.ignore_patterns(*excluded)
+    dest.mkdir(parents=True)
+    for name in allowed:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def test_build_context_installs(tmp_path):
+    """The images' `pip install --editable .[extra]` step, on exactly what the build context holds."""
+    ctx = build_context(tmp_path / "context")
+    assert not list(ctx.rglob("__pycache__")) and not list(ctx.rglob("Dockerfile*"))
+    readme = tomllib.loads((ctx / "pyproject.toml").read_text())["project"].get("readme")
+    if readme:
+        assert (ctx / readme).exists(), f"pyproject's readme {readme} is missing: every image build fails"
+    out = tmp_path / "dist"
+    out.mkdir()
+    res = run([sys.executable, "-c", f"import setuptools.build_meta as b; print(b.build_editable({str(out)!r}))"],
+              cwd=ctx)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert list(out.glob("*.whl"))
 
 
 # -- the healthchecks and redis.conf, run for real -------------------------------------------------
