@@ -460,14 +460,17 @@ def test_worker_healthcheck_command(redis_url):
 
 def test_jobs_worker_healthcheck_command(redis_url):
     """The compose healthcheck of model-manager-jobs, against rq's real worker registry."""
-    from rq import Queue, Worker
+    from rq import Queue, SimpleWorker
+    from rq.serializers import JSONSerializer
 
     test = SERVICES["model-manager-jobs"]["healthcheck"]["test"]
     assert test[0] == "CMD"
     env = {**os.environ, "REDIS_URL": redis_url}
     assert run(test[1:], env=env).returncode == 1
     conn = redis.Redis.from_url(redis_url)
-    worker = Worker([Queue("spindle-test", connection=conn)], connection=conn)
+    # As model_manager.jobs_worker makes it.
+    worker = SimpleWorker([Queue("spindle-test", connection=conn)], connection=conn, serializer=JSONSerializer,
+                          name=f"manager-jobs-test-{os.getpid()}")
     worker.register_birth()
     try:
         assert run(test[1:], env=env).returncode == 0
