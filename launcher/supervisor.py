@@ -102,14 +102,18 @@ class Supervisor:
                     return
                 self.start(c)
 
-    def stop_all(self, grace: float) -> None:
+    def stop_all(self, grace: float, last: tuple[str, ...] = ("redis",)) -> None:
+        """SIGTERM every service at once (they drain in parallel), then the ones in ``last`` (Redis)."""
         self.stopping = True
-        for c in reversed(self.children):
-            if c.proc and c.proc.poll() is None:
+        first = [c for c in self.children if c.name not in last]
+        for group in (first, [c for c in self.children if c.name in last]):
+            running = [c for c in group if c.proc and c.proc.poll() is None]
+            for c in running:
                 self.log(c.name, "stopping", c.color)
                 c.proc.terminate()
-                # One at a time, in reverse start order: clients first, Redis (started first) last.
-                self._wait(c, grace)
+            deadline = time.monotonic() + grace
+            for c in running:
+                self._wait(c, max(0.1, deadline - time.monotonic()))
         for c in self.children:
             if c.pump:
                 c.pump.join(1)

@@ -48,6 +48,9 @@ async def serve(settings: WorkerSettings) -> None:
 def main() -> None:
     settings = WorkerSettings()
     setup_logging("worker", settings.log_level, settings.log_format)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if settings.torch_threads:
         import torch
 
