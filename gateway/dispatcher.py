@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections import deque
@@ -150,15 +151,38 @@ class Dispatcher:
     def dispatch(self, raw: bytes | str) -> None:
         try:
             batch = EventBatch.decode(raw)
-        except ValueError as e:
-            self.bad_messages += 1
-            log.warning("dropping a malformed event batch: %s", e)
+        except ValueError:
+            self._dispatch_salvaged(raw)
             return
         for ev in batch.events:
             sub = self._subs.get(ev.request_id)
             if sub is None:
                 self.orphan_events += 1
             else:
+                sub.feed(ev)
+
+    def _dispatch_salvaged(self, raw: bytes | str) -> None:
+        """A batch that does not validate: deliver its valid events, fail the requests of the others."""
+        self.bad_messages += 1
+        try:
+            items = json.loads(raw)["events"]
+            assert isinstance(items, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            log.warning("dropping an undecodable event batch")
+            return
+        for item in items:
+            try:
+                ev = TokenEvent.model_validate(item)
+            except ValueError as e:
+                rid = item.get("request_id") if isinstance(item, dict) else None
+                sub = self._subs.get(rid) if isinstance(rid, str) else None
+                log.warning("malformed event for request %s: %s", rid, e)
+                if sub is not None:
+                    sub.fail(APIError(502, "The worker sent a malformed event", "server_error", None,
+                                      "malformed_event"))
+                continue
+            sub = self._subs.get(ev.request_id)
+            if sub is not None:
                 sub.feed(ev)
 
     def _fail_all(self, reason: str) -> None:
