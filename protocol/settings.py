@@ -81,6 +81,12 @@ class WorkerSettings(CommonSettings):
     claim_idle_ms: int = 15_000
     # Deliveries after which a job goes to the dead-letter stream.
     max_deliveries: int = 3
+    # Seconds a request's event log (spindle:progress:<id>) is kept: takeover and stream resume read it.
+    progress_ttl: float = 900.0
+    # Most models one worker holds at once; a "load" control message beyond it is declined.
+    max_models: int = 2
+    # Unload a model (not the worker's last) after this many idle seconds; 0 = never.
+    model_idle_unload: float = 0.0
     worker_metrics_port: int = 0  # 0 = no metrics server
     torch_threads: int = 0  # 0 = torch's default
 

@@ -1,7 +1,7 @@
 """``python -m worker``: load the configured models and serve their job streams until SIGTERM.
 
-SIGTERM/SIGINT: stop taking jobs, let in-flight ones finish within DRAIN_TIMEOUT, then exit; jobs
-still unfinished stay un-acked in the stream's pending list, where another worker takes them over.
+SIGTERM/SIGINT: stop taking jobs, let in-flight ones finish within DRAIN_TIMEOUT, then hand the rest
+back to the stream (with the tokens already delivered, so another worker continues them) and exit.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ async def serve(settings: WorkerSettings) -> None:
     log.info("stopping: draining for up to %.0fs", settings.drain_timeout)
     left = await worker.drain(settings.drain_timeout)
     if left:
-        log.warning("%d jobs unfinished at shutdown; they stay pending for takeover", left)
+        n = await worker.hand_back()
+        log.warning("%d jobs unfinished after the drain; handed back to the queue", n)
     await worker.stop()
 
 

@@ -5,6 +5,15 @@ of the ``workers`` consumer group, asking for at most as many jobs as it has fre
 starts in the queue). Every engine step's outputs are published in one pipelined round trip: one
 PUBLISH of an ``EventBatch`` per gateway, plus XACK+XDEL of the jobs that finished (a finished job
 leaves the stream, so the stream's length is the work not yet done).
+
+Every event is also appended to the request's event log (``spindle:progress:<id>``) in the same
+MULTI/EXEC, so the log and what gateways received never disagree. The log is what makes a dead
+worker's job resumable: a worker that takes the job over (XAUTOCLAIM after ``CLAIM_IDLE_MS``) reads
+the log, continues after the tokens already delivered, and numbers its events from where the log ends;
+gateways drop any duplicate by ``seq``. A live worker renews the lease on its running jobs with a
+JUSTID XCLAIM on every heartbeat, so only jobs of dead workers ever go idle that long. A job delivered
+more than ``MAX_DELIVERIES`` times (it keeps killing workers) goes to the dead-letter stream and its
+client gets an error.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ class ActiveJob:
     entry_id: str
     received_at: float = field(default_factory=time.time)
     seq: int = 0
-    generated: int = 0
+    delivered: list[int] = field(default_factory=list)  # token ids already sent to the client
 
 
 async def ensure_group(r: aioredis.Redis, stream: str) -> None:
@@ -96,27 +105,102 @@ class ModelServer:
                 for entry_id, fields in entries:
                     await self.accept(entry_id, fields)
 
-    async def accept(self, entry_id: bytes | str, fields: dict) -> None:
+    async def accept(self, entry_id: bytes | str, fields: dict, recovered: bool = False) -> None:
+        """Take one stream entry. ``recovered``: a claimed or handed-back job, resumed from its log."""
         w = self.worker
         entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         try:
             job = Job.from_fields(fields)
         except Exception as e:
             log.error("malformed job %s dropped to the dead-letter stream: %s", entry_id, e)
-            await w.redis.xadd(keys.DEADLETTER_STREAM, {"stream": self.stream, "entry_id": entry_id,
-                                                        "reason": f"malformed: {e}"[:500]}, maxlen=10_000)
-            await self.ack(entry_id)
+            await self.dead_letter(entry_id, f"malformed: {e}", None)
             return
         active = ActiveJob(job, entry_id)
+        if recovered or job.resume_token_ids:
+            events = [TokenEvent.model_validate_json(e)
+                      for e in await w.redis.lrange(keys.progress_key(job.request_id), 0, -1)]
+            if any(e.finish_reason for e in events):  # finished, but the ack was lost with its worker
+                await self.ack(entry_id)
+                return
+            active.seq = len(events)
+            active.delivered = [t for e in events for t in e.token_ids]
+            job.resume_token_ids = active.delivered
+            if events:
+                w.takeovers += 1
+                log.info("resuming %s after %d delivered tokens", job.request_id, len(active.delivered),
+                         extra={"request_id": job.request_id})
         self.jobs[job.request_id] = active
         if job.deadline is not None and time.time() > job.deadline:
-            await self.finish_early(active, "timeout", "the request's deadline passed while it was queued")
+            await self.finish_early(active, "timeout", "the request's deadline passed before a worker ran it")
             return
         if await w.redis.exists(keys.cancelled_key(job.request_id)):
             await self.finish_early(active, "cancelled", None)
             return
         self.thread.add(EngineRequest(job.request_id, job.prompt_token_ids, job.params,
                                       resume_token_ids=list(job.resume_token_ids)))
+
+    async def dead_letter(self, entry_id: str, reason: str, job: Job | None) -> None:
+        w = self.worker
+        fields = {"stream": self.stream, "entry_id": entry_id, "reason": reason[:500], "worker_id": w.id}
+        if job is not None:
+            fields["job"] = job.model_dump_json()
+        await w.redis.xadd(keys.DEADLETTER_STREAM, fields, maxlen=10_000, approximate=True)
+        w.dead_letters += 1
+        if job is not None:
+            active = ActiveJob(job, entry_id)
+            self.jobs[job.request_id] = active
+            await self.finish_early(active, "error", f"job failed on {w.settings.max_deliveries} workers; "
+                                    "moved to the dead-letter stream")
+        else:
+            await self.ack(entry_id)
+
+    async def reclaim(self) -> None:
+        """Take over jobs whose worker stopped renewing their lease (it died)."""
+        w = self.worker
+        free = self.free_slots
+        if free == 0 or w.draining:
+            return
+        resp = await w.redis.xautoclaim(self.stream, keys.JOBS_GROUP, w.id, w.settings.claim_idle_ms,
+                                        start_id="0-0", count=free)
+        claimed = resp[1] if resp else []
+        for entry_id, fields in claimed:
+            if not fields:  # deleted meanwhile
+                continue
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            info = await w.redis.xpending_range(self.stream, keys.JOBS_GROUP, min=eid, max=eid, count=1)
+            deliveries = info[0]["times_delivered"] if info else 1
+            if deliveries > w.settings.max_deliveries:
+                try:
+                    job = Job.from_fields(fields)
+                except Exception:
+                    job = None
+                log.error("job %s delivered %d times; dead-lettered", eid, deliveries)
+                await self.dead_letter(eid, f"delivered {deliveries} times", job)
+                continue
+            await self.accept(eid, fields, recovered=True)
+
+    async def renew_leases(self) -> None:
+        """Reset the idle time of our running jobs so no other worker claims them (no delivery count)."""
+        ids = [a.entry_id for a in self.jobs.values()]
+        if ids:
+            await self.worker.redis.xclaim(self.stream, keys.JOBS_GROUP, self.worker.id, 0, ids, justid=True)
+
+    async def hand_back(self) -> int:
+        """Put unfinished jobs back in the stream (with what was delivered) for another worker."""
+        left = list(self.jobs.values())
+        for active in left:
+            self.jobs.pop(active.job.request_id, None)
+            self.thread.cancel(active.job.request_id)
+        if not left:
+            return 0
+        async with self.worker.redis.pipeline(transaction=True) as p:
+            for active in left:
+                job = active.job.model_copy(update={"resume_token_ids": active.delivered})
+                p.xadd(self.stream, job.to_fields())
+                p.xack(self.stream, keys.JOBS_GROUP, active.entry_id)
+                p.xdel(self.stream, active.entry_id)
+            await p.execute()
+        return len(left)
 
     async def finish_early(self, active: ActiveJob, reason: str, error: str | None) -> None:
         out = EngineOutput(active.job.request_id, [], "", reason, len(active.job.prompt_token_ids), 0,
@@ -153,6 +237,8 @@ class Worker:
         self.backoff = Backoff()
         self._tasks: list[asyncio.Task] = []
         self.started_at = time.time()
+        self.takeovers = 0
+        self.dead_letters = 0
 
     def add_model(self, model: str, engine: Engine, device: str = "cpu", dtype: str = "") -> ModelServer:
         server = ModelServer(self, model, engine, device, dtype)
@@ -176,7 +262,8 @@ class Worker:
         await self.with_redis_retry(lambda r: r.ping())
         self._tasks = [asyncio.create_task(self._publisher(), name="publisher"),
                        asyncio.create_task(self._heartbeat(), name="heartbeat"),
-                       asyncio.create_task(self._cancel_listener(), name="cancel-listener")]
+                       asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
+                       asyncio.create_task(self._reclaimer(), name="reclaimer")]
         for s in self.servers.values():
             self._tasks.append(asyncio.create_task(s.consume(), name=f"consume-{s.model}"))
         await self.heartbeat_once()
@@ -228,11 +315,16 @@ class Worker:
             if active.seq == 0:
                 ev.queue_time = max(0.0, active.received_at - job.created_at)
             active.seq += 1
+            active.delivered.extend(o.new_token_ids)
             by_gateway[job.gateway_id].append(ev)
             if o.finish_reason is not None:
                 finished.append(active)
-        async with self.redis.pipeline(transaction=False) as p:
+        ttl_ms = int(self.settings.progress_ttl * 1000)
+        async with self.redis.pipeline(transaction=True) as p:
             for gateway_id, events in by_gateway.items():
+                for ev in events:
+                    p.rpush(keys.progress_key(ev.request_id), ev.model_dump_json(exclude_defaults=True))
+                    p.pexpire(keys.progress_key(ev.request_id), ttl_ms)
                 p.publish(keys.events_channel(gateway_id), EventBatch(events=events).encode())
             for active in finished:
                 p.xack(server.stream, keys.JOBS_GROUP, active.entry_id)
@@ -260,7 +352,27 @@ class Worker:
 
     async def heartbeat_once(self) -> None:
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
-        await self.redis.set(keys.worker_key(self.id), self.info().model_dump_json(), px=ttl_ms)
+        async with self.redis.pipeline(transaction=False) as p:
+            p.set(keys.worker_key(self.id), self.info().model_dump_json(), px=ttl_ms)
+            await p.execute()
+        for s in list(self.servers.values()):
+            await s.renew_leases()
+
+    async def _reclaimer(self) -> None:
+        period = max(0.2, self.settings.claim_idle_ms / 1000 / 3)
+        while True:
+            await asyncio.sleep(period)
+            for s in list(self.servers.values()):
+                try:
+                    await s.reclaim()
+                except RedisError as e:
+                    log.warning("reclaim on %s failed: %s", s.stream, e)
+
+    async def hand_back(self) -> int:
+        n = 0
+        for s in self.servers.values():
+            n += await s.hand_back()
+        return n
 
     async def _heartbeat(self) -> None:
         while True:

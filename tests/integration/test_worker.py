@@ -145,3 +145,89 @@ async def test_malformed_job_goes_to_dead_letter(redis_url, engine_factory):
     finally:
         await w.stop()
         await r.aclose()
+
+
+async def test_dead_workers_job_is_taken_over_without_loss_or_duplicates(redis_url, engine_factory):
+    """Worker A dies mid-generation (no ack, no hand-back); B claims the job and continues it."""
+    r = aioredis.Redis.from_url(redis_url)
+    pubsub = r.pubsub()
+    await pubsub.subscribe(keys.events_channel("gw-test"))
+    prompt = [9, 8, 7, 6]
+    # The reference: the same greedy request on an undisturbed worker.
+    ref_worker = await start_worker(redis_url, engine_factory("paged"))
+    ref = job(prompt, max_tokens=120, temperature=0, ignore_eos=True)
+    await r.xadd(keys.jobs_stream(MODEL), ref.to_fields())
+    expected = [t for e in (await collect(pubsub, {ref.request_id}))[ref.request_id] for t in e.token_ids]
+    await ref_worker.stop()
+
+    a = await start_worker(redis_url, engine_factory("paged"), claim_idle_ms=600_000)
+    j = job(prompt, max_tokens=120, temperature=0, ignore_eos=True)
+    await r.xadd(keys.jobs_stream(MODEL), j.to_fields())
+    seen: list[TokenEvent] = []
+    while len(seen) < 5:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        if msg:
+            seen.extend(EventBatch.decode(msg["data"]).events)
+    await a.stop()  # dies: its pending entry stays un-acked, its heartbeat stops
+    b = await start_worker(redis_url, engine_factory("paged"), claim_idle_ms=300)
+    try:
+        rest = await collect(pubsub, {j.request_id})
+        by_seq: dict[int, TokenEvent] = {}
+        for ev in seen + rest[j.request_id]:
+            by_seq.setdefault(ev.seq, ev)  # the gateway's rule: first event per seq wins
+        assert sorted(by_seq) == list(range(len(by_seq))), "gap in sequence numbers"
+        tokens = [t for s in sorted(by_seq) for t in by_seq[s].token_ids]
+        assert tokens == expected
+        assert by_seq[max(by_seq)].finish_reason == "length"
+        assert b.takeovers == 1
+        assert await r.xlen(keys.jobs_stream(MODEL)) == 0
+    finally:
+        await b.stop()
+        await r.aclose()
+
+
+async def test_job_that_keeps_failing_goes_to_dead_letter_with_an_error(redis_url, engine_factory):
+    r = aioredis.Redis.from_url(redis_url)
+    pubsub = r.pubsub()
+    await pubsub.subscribe(keys.events_channel("gw-test"))
+    stream = keys.jobs_stream(MODEL)
+    await r.xgroup_create(stream, keys.JOBS_GROUP, id="0", mkstream=True)
+    j = job([1, 2, 3], max_tokens=5)
+    await r.xadd(stream, j.to_fields())
+    await r.xreadgroup(keys.JOBS_GROUP, "ghost-worker", {stream: ">"}, count=1)  # delivery 1, then "dies"
+    w = await start_worker(redis_url, engine_factory("simple"), claim_idle_ms=200, max_deliveries=1)
+    try:
+        events = await collect(pubsub, {j.request_id})
+        last = events[j.request_id][-1]
+        assert last.finish_reason == "error" and "dead-letter" in last.error
+        dead = await r.xrange(keys.DEADLETTER_STREAM)
+        assert len(dead) == 1 and Job.model_validate_json(dead[0][1][b"job"]).request_id == j.request_id
+        assert await r.xlen(stream) == 0
+    finally:
+        await w.stop()
+        await r.aclose()
+
+
+async def test_drain_hands_unfinished_jobs_back_with_progress(redis_url, engine_factory):
+    r = aioredis.Redis.from_url(redis_url)
+    pubsub = r.pubsub()
+    await pubsub.subscribe(keys.events_channel("gw-test"))
+    a = await start_worker(redis_url, engine_factory("paged"))
+    j = job([4, 5, 6], max_tokens=300, temperature=0, ignore_eos=True)
+    await r.xadd(keys.jobs_stream(MODEL), j.to_fields())
+    while not await r.llen(keys.progress_key(j.request_id)):
+        await asyncio.sleep(0.01)
+    left = await a.drain(0.05)
+    assert left == 1 and await a.hand_back() == 1
+    await a.stop()
+    entries = await r.xrange(keys.jobs_stream(MODEL))
+    assert len(entries) == 1
+    handed = Job.from_fields(entries[0][1])
+    assert handed.request_id == j.request_id and handed.resume_token_ids
+    b = await start_worker(redis_url, engine_factory("paged"))
+    try:
+        events = await collect(pubsub, {j.request_id})
+        assert events[j.request_id][-1].completion_tokens == 300
+    finally:
+        await b.stop()
+        await r.aclose()
