@@ -3,9 +3,10 @@
 ``python -m optimizer tiny-shakespeare --passes bf16,int8`` or, through the model-manager,
 ``POST /models/{name}/optimize {"passes": ["bf16", "int8"]}`` (an rq job). See ``passes`` for the
 passes, ``quality`` for the gate and ``quant`` for the int8 format and its loader
-(:func:`optimizer.quant.load_quantized`).
+(:func:`optimizer.quant.load_quantized`). Importing ``optimizer`` itself does not import torch;
+``optimizer.passes.optimize`` does the work.
 """
 
-from optimizer.passes import PASSES, GateFailed, OptimizeError, PassResult, optimize
+from optimizer.plan import PASSES, GateFailed, OptimizeError, PassResult
 
-__all__ = ["PASSES", "GateFailed", "OptimizeError", "PassResult", "optimize"]
+__all__ = ["PASSES", "GateFailed", "OptimizeError", "PassResult"]

@@ -21,80 +21,25 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from optimizer import quality
-from optimizer.quant import (
-    QUANT_METHOD,
-    SCALE_SUFFIX,
-    _tied_keys,
-    is_quantized_config,
-    load_quantized,
-    quantizable_modules,
-    quantize_weight,
-)
-from protocol.artifacts import MANIFEST, ArtifactStore, Manifest, read_manifest, validate_name, write_manifest
+from optimizer.plan import PASSES, QUANT_METHOD, GateFailed, OptimizeError, PassResult, check_request
+from optimizer.quant import SCALE_SUFFIX, _tied_keys, load_quantized, quantizable_modules, quantize_weight
+from protocol.artifacts import MANIFEST, ArtifactStore, Manifest, read_manifest, write_manifest
+
+__all__ = ["PASSES", "GateFailed", "OptimizeError", "PassResult", "optimize"]
 
 log = logging.getLogger(__name__)
 
-PASSES = ("safetensors", "bf16", "fp16", "int8")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 MAX_SHARD_BYTES = 4 * 1024**3
 
 Progress = Callable[..., None]
-
-
-class OptimizeError(Exception):
-    """A request the optimizer cannot carry out (unknown model or pass, output exists, no space)."""
-
-
-class GateFailed(OptimizeError):
-    """One or more passes failed their quality gate; ``results`` holds every pass's outcome."""
-
-    def __init__(self, message: str, results: list[PassResult]):
-        super().__init__(message)
-        self.results = results
-
-
-@dataclass
-class PassResult:
-    pass_name: str
-    output: str
-    passed: bool
-    quality: dict[str, float]
-    reason: str | None = None
-
-
-def output_name(name: str, pass_name: str) -> str:
-    return validate_name(f"{name}-{pass_name}")
-
-
-def check_request(store: ArtifactStore, name: str, passes: list[str]) -> tuple[Path, list[str]]:
-    """The source directory and the output names, or an OptimizeError saying what is wrong."""
-    validate_name(name)
-    if not passes:
-        raise OptimizeError("no passes given: choose from " + ", ".join(PASSES))
-    unknown = [p for p in passes if p not in PASSES]
-    if unknown:
-        raise OptimizeError(f"unknown pass(es) {unknown}: choose from {', '.join(PASSES)}")
-    if len(set(passes)) != len(passes):
-        raise OptimizeError("a pass is listed twice")
-    src = store.find(name)
-    if src is None:
-        raise OptimizeError(f"model {name!r} is not in the artifact volume")
-    config = json.loads((src / "config.json").read_text())
-    if is_quantized_config(config):
-        raise OptimizeError(f"model {name!r} is already quantized; optimize its source instead")
-    outputs = [output_name(name, p) for p in passes]
-    taken = [o for o in outputs if store.find(o) is not None]
-    if taken:
-        raise OptimizeError(f"output model(s) already exist: {', '.join(taken)} (delete them first)")
-    return src, outputs
 
 
 def _source_dtype(config: dict[str, Any]) -> torch.dtype:

@@ -23,13 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-QUANT_METHOD = "spindle-int8"
+from optimizer.plan import QUANT_METHOD, is_quantized_config
+
 SCALE_SUFFIX = "weight_scale"
-
-
-def is_quantized_config(config: dict[str, Any]) -> bool:
-    q = config.get("quantization_config") or {}
-    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
