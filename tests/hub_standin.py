@@ -19,6 +19,7 @@ then hold the connection open until the returned event is set). ``requests`` log
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -321,10 +322,8 @@ class _Handler(BaseHTTPRequestHandler):
                 fault.release.wait(60)
             self.wfile.flush()
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         self._write(body)
 
