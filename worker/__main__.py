@@ -13,6 +13,7 @@ import signal
 from protocol.artifacts import ArtifactStore
 from protocol.logs import setup_logging
 from protocol.settings import WorkerSettings
+from worker.engine.api import Engine
 from worker.service import Worker
 
 log = logging.getLogger("worker")
@@ -22,16 +23,22 @@ async def serve(settings: WorkerSettings) -> None:
     from worker.engine.loader import load_engine
 
     store = ArtifactStore(settings.artifacts_dir, settings.bundled_models_dir)
-    worker = Worker(settings)
-    for model in settings.served_models():
+
+    def load(model: str) -> tuple[Engine, str, str]:
         model_dir = store.find(model)
         if model_dir is None:
-            raise SystemExit(f"model {model!r} is not in {settings.artifacts_dir} "
-                             f"nor {settings.bundled_models_dir}")
-        engine = await asyncio.to_thread(load_engine, settings.engine, model_dir, settings.device,
-                                         settings.dtype, settings)
-        worker.add_model(model, engine, str(getattr(engine, "device", "cpu")),
-                         str(getattr(engine, "dtype", "")).replace("torch.", ""))
+            raise LookupError(f"model {model!r} is not in {settings.artifacts_dir} nor {settings.bundled_models_dir}")
+        engine = load_engine(settings.engine, model_dir, settings.device, settings.dtype, settings)
+        return (engine, str(getattr(engine, "device", "cpu")),
+                str(getattr(engine, "dtype", "")).replace("torch.", ""))
+
+    worker = Worker(settings, loader=load)
+    for model in settings.served_models():
+        try:
+            engine, device, dtype = await asyncio.to_thread(load, model)
+        except LookupError as e:
+            raise SystemExit(str(e)) from e
+        worker.add_model(model, engine, device, dtype)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

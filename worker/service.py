@@ -23,13 +23,14 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from protocol import keys
-from protocol.messages import CancelMessage, EventBatch, Job, TokenEvent, WorkerInfo
+from protocol.messages import CancelMessage, ControlMessage, EventBatch, Job, TokenEvent, WorkerInfo
 from protocol.settings import WorkerSettings
 from worker.engine.api import Engine, EngineOutput, EngineRequest
 from worker.engine_thread import EngineThread
@@ -68,6 +69,9 @@ class ModelServer:
         self.stream = keys.jobs_stream(model)
         self.jobs: dict[str, ActiveJob] = {}
         self.capacity = asyncio.Event()
+        self.consumer: asyncio.Task | None = None
+        self.stopping = False
+        self.last_used = time.monotonic()
         loop = asyncio.get_running_loop()
         self.thread = EngineThread(
             engine, lambda outs: loop.call_soon_threadsafe(worker.outputs.put_nowait, (self, outs)),
@@ -81,7 +85,7 @@ class ModelServer:
         """Pull jobs while we have free slots; block in XREADGROUP when idle."""
         w = self.worker
         await w.with_redis_retry(lambda r: ensure_group(r, self.stream))
-        while not w.draining:
+        while not w.draining and not self.stopping:
             free = self.free_slots
             if free == 0:
                 self.capacity.clear()
@@ -116,6 +120,7 @@ class ModelServer:
             await self.dead_letter(entry_id, f"malformed: {e}", None)
             return
         active = ActiveJob(job, entry_id)
+        self.last_used = time.monotonic()
         if recovered or job.resume_token_ids:
             events = [TokenEvent.model_validate_json(e)
                       for e in await w.redis.lrange(keys.progress_key(job.request_id), 0, -1)]
@@ -226,9 +231,15 @@ class Backoff:
         self.cur = self.first
 
 
+#: loads a model by name: (engine, device, dtype); blocking, run in a thread
+EngineLoader = Callable[[str], tuple[Engine, str, str]]
+
+
 class Worker:
-    def __init__(self, settings: WorkerSettings, redis_client: aioredis.Redis | None = None):
+    def __init__(self, settings: WorkerSettings, redis_client: aioredis.Redis | None = None,
+                 loader: EngineLoader | None = None):
         self.settings = settings
+        self.loader = loader
         self.id = settings.worker_id
         self.redis = redis_client or aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
         self.servers: dict[str, ModelServer] = {}
@@ -239,12 +250,46 @@ class Worker:
         self.started_at = time.time()
         self.takeovers = 0
         self.dead_letters = 0
+        self._control_tasks: set[asyncio.Task] = set()
 
     def add_model(self, model: str, engine: Engine, device: str = "cpu", dtype: str = "") -> ModelServer:
         server = ModelServer(self, model, engine, device, dtype)
         server.thread.start()
         self.servers[model] = server
+        if self._tasks:  # already running: start consuming right away
+            server.consumer = asyncio.create_task(server.consume(), name=f"consume-{model}")
         return server
+
+    async def load_model(self, model: str) -> bool:
+        """Load ``model`` (in a thread) and start serving it; False when declined."""
+        if model in self.servers or self.draining:
+            return False
+        if self.loader is None or len(self.servers) >= self.settings.max_models:
+            log.info("declining to load %s (%d/%d models)", model, len(self.servers), self.settings.max_models)
+            return False
+        engine, device, dtype = await asyncio.to_thread(self.loader, model)
+        self.add_model(model, engine, device, dtype)
+        await self.heartbeat_once()
+        log.info("loaded %s", model, extra={"model": model})
+        return True
+
+    async def unload_model(self, model: str) -> bool:
+        """Stop taking ``model``'s jobs, let in-flight ones finish (DRAIN_TIMEOUT), hand back the rest."""
+        server = self.servers.get(model)
+        if server is None:
+            return False
+        server.stopping = True
+        if server.consumer:
+            server.consumer.cancel()
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while server.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await server.hand_back()
+        server.thread.stop()
+        del self.servers[model]
+        await self.heartbeat_once()
+        log.info("unloaded %s", model, extra={"model": model})
+        return True
 
     async def with_redis_retry(self, fn, attempts: int = 50):
         backoff = Backoff()
@@ -263,9 +308,10 @@ class Worker:
         self._tasks = [asyncio.create_task(self._publisher(), name="publisher"),
                        asyncio.create_task(self._heartbeat(), name="heartbeat"),
                        asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
-                       asyncio.create_task(self._reclaimer(), name="reclaimer")]
+                       asyncio.create_task(self._reclaimer(), name="reclaimer"),
+                       asyncio.create_task(self._control_listener(), name="control-listener")]
         for s in self.servers.values():
-            self._tasks.append(asyncio.create_task(s.consume(), name=f"consume-{s.model}"))
+            s.consumer = asyncio.create_task(s.consume(), name=f"consume-{s.model}")
         await self.heartbeat_once()
         log.info("worker %s serving %s", self.id, ", ".join(self.servers), extra={"worker_id": self.id})
 
@@ -280,9 +326,10 @@ class Worker:
 
     async def stop(self) -> None:
         self.draining = True
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._control_tasks, *(s.consumer for s in self.servers.values() if s.consumer)]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in self.servers.values():
             s.thread.stop()
         with contextlib.suppress(RedisError):
@@ -358,6 +405,16 @@ class Worker:
         for s in list(self.servers.values()):
             await s.renew_leases()
 
+    async def _unload_idle(self) -> None:
+        limit = self.settings.model_idle_unload
+        if limit <= 0 or len(self.servers) < 2:
+            return
+        now = time.monotonic()
+        for s in list(self.servers.values()):
+            if len(self.servers) > 1 and not s.jobs and now - s.last_used > limit:
+                log.info("unloading %s after %.0fs idle", s.model, now - s.last_used)
+                await self.unload_model(s.model)
+
     async def _reclaimer(self) -> None:
         period = max(0.2, self.settings.claim_idle_ms / 1000 / 3)
         while True:
@@ -380,29 +437,61 @@ class Worker:
                 await self.heartbeat_once()
             except RedisError as e:
                 log.warning("heartbeat failed: %s", e)
+            await self._unload_idle()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
-    async def _cancel_listener(self) -> None:
+    async def _subscribe(self, channel: str, handle: Callable[[bytes], object]) -> None:
+        """Listen on ``channel`` for ever, resubscribing with backoff when Redis drops."""
         backoff = Backoff()
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                await pubsub.subscribe(channel)
                 backoff.reset()
                 async for msg in pubsub.listen():
-                    if msg.get("type") != "message":
-                        continue
-                    try:
-                        cancel = CancelMessage.model_validate_json(msg["data"])
-                    except ValueError:
-                        continue
-                    self.cancel(cancel.request_ids)
+                    if msg.get("type") == "message":
+                        result = handle(msg["data"])
+                        if asyncio.iscoroutine(result):
+                            await result
             except RedisError as e:
-                log.warning("cancel subscription lost (%s); resubscribing", e)
+                log.warning("subscription to %s lost (%s); resubscribing", channel, e)
                 await asyncio.sleep(backoff.next())
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _cancel_listener(self) -> None:
+        def handle(data: bytes) -> None:
+            try:
+                self.cancel(CancelMessage.model_validate_json(data).request_ids)
+            except ValueError:
+                log.warning("ignoring malformed cancel message")
+
+        await self._subscribe(keys.CANCEL_CHANNEL, handle)
+
+    async def _control_listener(self) -> None:
+        async def handle(data: bytes) -> None:
+            try:
+                msg = ControlMessage.decode(data)
+            except ValueError:
+                log.warning("ignoring malformed control message")
+                return
+            if msg.worker_id not in (None, self.id):
+                return
+            try:
+                if msg.action == "load":
+                    await self.load_model(msg.model)
+                elif msg.action == "unload":
+                    await self.unload_model(msg.model)
+            except Exception:
+                log.exception("control %s %s failed", msg.action, msg.model, extra={"model": msg.model})
+
+        def spawn(data: bytes) -> None:  # loading takes seconds: do not hold up the subscription
+            task = asyncio.create_task(handle(data))
+            self._control_tasks.add(task)
+            task.add_done_callback(self._control_tasks.discard)
+
+        await self._subscribe(keys.CONTROL_CHANNEL, spawn)
 
     def cancel(self, request_ids: list[str]) -> None:
         for rid in request_ids:

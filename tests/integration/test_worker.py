@@ -231,3 +231,45 @@ async def test_drain_hands_unfinished_jobs_back_with_progress(redis_url, engine_
     finally:
         await b.stop()
         await r.aclose()
+
+
+async def test_worker_loads_a_model_live_while_serving_another(redis_url, engine_factory, tiny_artifacts):
+    from protocol.messages import ControlMessage
+
+    r = aioredis.Redis.from_url(redis_url)
+    pubsub = r.pubsub()
+    await pubsub.subscribe(keys.events_channel("gw-test"))
+
+    def loader(name: str):
+        return load_engine("paged", tiny_artifacts / name, "cpu", "float32", WorkerSettings()), "cpu", "float32"
+
+    settings = WorkerSettings(redis_url=redis_url, worker_id="w-live", max_batch=8, heartbeat_interval=0.2)
+    w = Worker(settings, loader=loader)
+    w.add_model(MODEL, engine_factory("paged"), "cpu", "float32")
+    await w.start()
+    try:
+        long_job = job([3, 4, 5], max_tokens=200, temperature=0, ignore_eos=True)
+        await r.xadd(keys.jobs_stream(MODEL), long_job.to_fields())
+        await r.publish(keys.CONTROL_CHANNEL, ControlMessage(action="load", model="tiny-gpt2").encode())
+        for _ in range(600):  # loading takes seconds on a busy 2-core machine
+            info = WorkerInfo.model_validate_json(await r.get(keys.worker_key(w.id)))
+            if "tiny-gpt2" in info.models:
+                break
+            await asyncio.sleep(0.05)
+        assert set(info.models) == {MODEL, "tiny-gpt2"}
+        gpt2_job = job([1, 2], max_tokens=4, temperature=0, ignore_eos=True)
+        gpt2_job.model = "tiny-gpt2"
+        await r.xadd(keys.jobs_stream("tiny-gpt2"), gpt2_job.to_fields())
+        events = await collect(pubsub, {long_job.request_id, gpt2_job.request_id})
+        assert events[long_job.request_id][-1].completion_tokens == 200  # not dropped by the load
+        assert events[gpt2_job.request_id][-1].completion_tokens == 4
+        await r.publish(keys.CONTROL_CHANNEL, ControlMessage(action="unload", model="tiny-gpt2").encode())
+        for _ in range(600):  # loading takes seconds on a busy 2-core machine
+            info = WorkerInfo.model_validate_json(await r.get(keys.worker_key(w.id)))
+            if info.models == [MODEL]:
+                break
+            await asyncio.sleep(0.05)
+        assert info.models == [MODEL]
+    finally:
+        await w.stop()
+        await r.aclose()
