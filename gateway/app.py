@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -45,6 +47,28 @@ def create_redis(settings: GatewaySettings) -> aioredis.Redis:
         socket_connect_timeout=2, health_check_interval=10,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
     return aioredis.Redis(connection_pool=pool)
+
+
+def use_400_for_validation_errors(app: FastAPI) -> None:
+    """The OpenAPI document shows what we return: 400 with the error object, never FastAPI's 422."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for op in operations.values():
+                responses = op.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", {"description": "Invalid request", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -87,4 +111,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(system_routes.router)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also sees 413s
+    use_400_for_validation_errors(app)
     return app

@@ -13,7 +13,7 @@ from gateway import sse
 from gateway.deps import authenticate, get_gateway
 from gateway.generation import Generation, unless_disconnected
 from gateway.middleware import arrival_of, request_id_of
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from gateway.service import Gateway
 from gateway.tokenization import model_not_found
 from protocol.errors import APIError
@@ -21,13 +21,15 @@ from protocol.errors import APIError
 router = APIRouter(tags=["OpenAI"])
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid request (OpenAI error object)"},
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "Unknown model"},
-    413: {"description": "Request body too large"},
-    429: {"description": "Queue full or too many concurrent requests (see Retry-After)"},
-    503: {"description": "No live worker serves the model, or Redis is unavailable (see Retry-After)"},
-    504: {"description": "The request timed out"},
+    status: {"model": ErrorResponse, "description": text} for status, text in (
+        (400, "Invalid request: wrong types or values, malformed JSON, prompt longer than the context"),
+        (401, "Missing or invalid API key"),
+        (404, "Unknown model"),
+        (413, "Request body too large"),
+        (429, "Queue full or too many concurrent requests (see Retry-After)"),
+        (503, "No live worker serves the model, or Redis is unavailable (see Retry-After)"),
+        (504, "The request timed out"),
+    )
 }
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "JSON, or with stream=true a text/event-stream of chunks ending in data: [DONE]",

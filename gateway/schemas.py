@@ -23,6 +23,19 @@ MaxTokens = Annotated[int, Field(ge=1, le=10_000_000)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response: OpenAI's error object."""
+
+    error: ErrorObject
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 

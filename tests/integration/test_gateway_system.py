@@ -92,6 +92,9 @@ def test_docs_and_openapi(gw):
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/stream", "/completion",
                  "/health", "/ready", "/metrics"):
         assert path in spec["paths"], path
+    assert '"422"' not in json.dumps(spec)  # validation errors are documented (and returned) as 400
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
 def test_metrics_after_a_known_workload(gw, redis_url):
