@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# System tools some tests need, from Debian's packages. Installed only when missing and when we can
-# (root with apt-get); otherwise the tests that need them say what is missing.
+# System tools some tests need: the deploy validators (scripts/validate_deploy.sh installs them),
+# and from Debian's packages Chromium (browser tests) and iproute2 (network-namespace tests).
+# Installed only when missing and when we can (root with apt-get); otherwise the tests that need
+# them skip and say what is missing.
 set -uo pipefail
+cd "$(dirname "$0")/.."
+scripts/validate_deploy.sh --install-only || echo "test tools: deploy validators not installed"
 need=()
-command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v chromium >/dev/null || need+=(chromium)
 command -v ip >/dev/null || need+=(iproute2)
 [ ${#need[@]} -eq 0 ] && exit 0
