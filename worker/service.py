@@ -33,7 +33,7 @@ from protocol import keys
 from protocol.messages import CancelMessage, ControlMessage, EventBatch, Job, TokenEvent, WorkerInfo
 from protocol.settings import WorkerSettings
 from worker.engine.api import Engine, EngineOutput, EngineRequest
-from worker.engine_thread import EngineThread
+from worker.engine.engine_thread import EngineThread
 
 log = logging.getLogger("worker")
 
@@ -141,7 +141,7 @@ class ModelServer:
         if await w.redis.exists(keys.cancelled_key(job.request_id)):
             await self.finish_early(active, "cancelled", None)
             return
-        self.thread.add(EngineRequest(job.request_id, job.prompt_token_ids, job.params,
+        self.thread.add_request(EngineRequest(job.request_id, job.prompt_token_ids, job.params,
                                       resume_token_ids=list(job.resume_token_ids)))
 
     async def dead_letter(self, entry_id: str, reason: str, job: Job | None) -> None:

@@ -1,8 +1,9 @@
-"""The engine loop on its own thread: steps while there is work, sleeps on a condition when idle.
+"""Runs an engine on its own thread; the asyncio side only moves requests in and outputs out.
 
-Other threads (the worker's asyncio loop, via ``loop.call_soon_threadsafe`` on the way back) only
-call ``add_request`` / ``cancel``; every step's outputs go to ``on_outputs`` on the engine thread,
-which must be quick (hand them to a queue or to the event loop, do no I/O there).
+Requests and cancellations are queued and applied on the engine thread between two steps, so an
+engine never sees two threads. The thread sleeps on a condition while there is nothing to do.
+Outputs of each step go to ``on_outputs`` (called on the engine thread: it must only hand them over,
+e.g. with ``loop.call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -18,62 +19,108 @@ log = logging.getLogger(__name__)
 
 
 class EngineThread:
-    def __init__(self, engine: Engine, on_outputs: Callable[[list[EngineOutput]], None],
-                 name: str = "engine", idle_wait: float = 0.5) -> None:
+    def __init__(self, engine: Engine, on_outputs: Callable[[list[EngineOutput]], None], name: str = "engine"):
         self.engine = engine
         self.on_outputs = on_outputs
-        self.idle_wait = idle_wait
         self._cond = threading.Condition()
+        self._adds: list[EngineRequest] = []
+        self._cancels: list[str] = []
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.last_error: BaseException | None = None
+        self._stats = EngineStats()
+        self._owned: set[str] = set()  # requests added and not yet finished
 
+    # -- called from any thread -------------------------------------------------------------------
     def start(self) -> EngineThread:
         self._thread.start()
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def add_request(self, request: EngineRequest) -> None:
-        self.engine.add_request(request)
-        self._wake()
+        with self._cond:
+            self._owned.add(request.request_id)
+            self._adds.append(request)
+            self._cond.notify()
 
     def cancel(self, request_id: str) -> None:
-        self.engine.cancel(request_id)
-        self._wake()
+        with self._cond:
+            if request_id in self._owned:
+                self._cancels.append(request_id)
+                self._cond.notify()
+
+    def owns(self, request_id: str) -> bool:
+        with self._cond:
+            return request_id in self._owned
+
+    @property
+    def load(self) -> int:
+        """Requests this engine holds (queued, waiting or running)."""
+        with self._cond:
+            return len(self._owned)
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return self._stats
 
-    def _wake(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
-            self._cond.notify_all()
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
+    # -- the engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        engine = self.engine
         while True:
             with self._cond:
-                while not self._stop and not self.engine.has_work():
-                    self._cond.wait(self.idle_wait)
+                while not self._stop and not self._adds and not self._cancels and not engine.has_work():
+                    self._cond.wait()
                 if self._stop:
                     return
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # the engine fails requests itself; this is the last guard
-                log.exception("engine step failed")
-                self.last_error = exc
-                time.sleep(0.05)
-                continue
+                adds, self._adds = self._adds, []
+                cancels, self._cancels = self._cancels, []
+            outputs: list[EngineOutput] = []
+            for req in adds:
+                try:
+                    engine.add_request(req)
+                except Exception as e:  # a request the engine refuses fails alone
+                    log.exception("engine refused request %s", req.request_id)
+                    outputs.append(EngineOutput(req.request_id, [], "", "error", error=str(e)))
+            for rid in cancels:
+                engine.cancel(rid)
+            if engine.has_work():
+                try:
+                    outputs.extend(engine.step())
+                except Exception as e:
+                    log.exception("engine step failed; failing its requests")
+                    outputs.extend(self._fail_all(str(e)))
+            self._stats = engine.stats()
             if outputs:
+                finished = {o.request_id for o in outputs if o.finish_reason is not None}
+                if finished:
+                    with self._cond:
+                        self._owned -= finished
                 try:
                     self.on_outputs(outputs)
                 except Exception:
                     log.exception("output callback failed")
+            elif not adds and not cancels:
+                time.sleep(0.001)  # has_work but produced nothing: do not spin hot
+
+    def _fail_all(self, error: str) -> list[EngineOutput]:
+        with self._cond:
+            owned = list(self._owned)
+        for rid in owned:
+            try:
+                self.engine.cancel(rid)
+            except Exception:
+                log.exception("cancel after failure")
+        # drain the cancellation outputs the engine produces, then report errors
+        try:
+            self.engine.step()
+        except Exception:
+            log.exception("step after failure")
+        return [EngineOutput(rid, [], "", "error", error=f"engine error: {error}") for rid in owned]
