@@ -200,10 +200,10 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
                 return
             await asyncio.sleep(STREAM_POLL)
 
-    def job_response(v: jobs.JobView, stream: bool) -> Response:
+    def job_response(v: jobs.JobView, stream: bool, status: int = 202) -> Response:
         if stream:
             return StreamingResponse(stream_job(v.id), media_type="application/x-ndjson")
-        return JSONResponse(v.model_dump(), status_code=202)
+        return JSONResponse(v.model_dump(), status_code=status)
 
     async def check_new_name(name: str, param: str = "name") -> None:
         validate_name(name)
@@ -334,15 +334,14 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         await check_new_name(name)
         params = {"repo_id": req.repo_id, "revision": req.revision, "name": name}
         try:
-            v = await state.enqueue("pull", [name], params)
+            return job_response(await state.enqueue("pull", [name], params), req.stream)
         except APIError:
-            # The same pull already running: attach to it (like Ollama) instead of failing.
+            # The same pull is already running: attach to it (200, like Ollama) instead of failing.
             holder = await state.run(state.sync.get, keys.manager_lock_key(name))
-            v2 = await state.job_view(holder.decode()) if holder else None
-            if v2 is None or v2.kind != "pull" or v2.params != params or v2.done:
+            running = await state.job_view(holder.decode()) if holder else None
+            if running is None or running.kind != "pull" or running.params != params or running.done:
                 raise
-            v = v2
-        return job_response(v, req.stream)
+            return job_response(running, req.stream, status=200)
 
     @app.post("/models/import", status_code=202, dependencies=admin)
     async def import_model(request: Request, name: str | None = Query(None, max_length=128),

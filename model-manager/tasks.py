@@ -107,8 +107,9 @@ def run_optimize(job_names: list[str], params: dict[str, Any]) -> dict:
         gates = {}
         for p in params["passes"]:
             base = quality.DEFAULT_GATES.get(p, quality.Gate(1.05, 0.9))
-            gates[p] = quality.Gate(params.get("max_perplexity_ratio") or base.max_perplexity_ratio,
-                                    params.get("min_top1_agreement") or base.min_top1_agreement)
+            ratio, agreement = params.get("max_perplexity_ratio"), params.get("min_top1_agreement")
+            gates[p] = quality.Gate(base.max_perplexity_ratio if ratio is None else ratio,
+                                    base.min_top1_agreement if agreement is None else agreement)
 
         def report(stage: str, message: str = "", fraction: float = 0.0) -> None:
             progress.update(stage=stage, message=message, bytes_done=int(fraction * 1000), bytes_total=1000)
