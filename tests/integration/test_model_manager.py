@@ -455,3 +455,32 @@ def test_status_and_metrics(stack: Stack) -> None:
     assert stack.client.get("/health").json() == {"status": "ok"}
     jobs = stack.client.get("/models/jobs").json()["data"]
     assert jobs and {"id", "kind", "stage", "bytes_done"} <= set(jobs[0])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_the_spindle_models_cli(stack: Stack, tiny_artifacts: Path) -> None:
+    env = {**stack.env, "MANAGER_URL": stack.url, "ADMIN_API_KEY": ADMIN_KEY}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "launcher", "models", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli("pull", "test/tiny-llama", "--name", "cli-pulled")
+    assert r.returncode == 0 and "ready: cli-pulled" in r.stdout, r.stderr
+    assert "downloading" in r.stderr and "100.0%" in r.stderr  # the progress bar (one line per stage off a tty)
+    r = cli("ls")
+    assert r.returncode == 0 and any(ln.split()[0] == "cli-pulled" for ln in r.stdout.splitlines()[1:])
+    r = cli("import", str(tiny_artifacts / "tiny-qwen2"), "--name", "cli-imported")
+    assert r.returncode == 0 and "ready: cli-imported" in r.stdout, r.stderr
+    r = cli("search", "tiny")
+    assert r.returncode == 0 and "test/tiny-llama" in r.stdout
+    assert "cli-imported" in cli("show", "cli-imported").stdout
+    r = cli("rm", "cli-pulled")
+    assert r.returncode == 0 and not (stack.artifacts / "cli-pulled").exists()
+    r = cli("rm", "cli-pulled")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = cli("pull", "../etc")
+    assert r.returncode == 1 and "invalid repo_id" in r.stderr
+    env["ADMIN_API_KEY"] = "wrong"
+    r = cli("rm", "cli-imported")
+    assert r.returncode == 1 and "admin API key" in r.stderr
