@@ -34,6 +34,7 @@ from protocol.messages import CancelMessage, ControlMessage, EventBatch, Job, To
 from protocol.settings import WorkerSettings
 from worker.engine.api import Engine, EngineOutput, EngineRequest
 from worker.engine.engine_thread import EngineThread
+from worker.metrics import RequestObs, WorkerMetrics
 
 log = logging.getLogger("worker")
 
@@ -47,6 +48,8 @@ class ActiveJob:
     received_at: float = field(default_factory=time.time)
     seq: int = 0
     delivered: list[int] = field(default_factory=list)  # token ids already sent to the client
+    obs: RequestObs | None = None  # its metrics and trace spans (worker.metrics)
+    delivered_chars: int | None = None  # characters of text sent (set on a resumed job)
 
 
 async def ensure_group(r: aioredis.Redis, stream: str) -> None:
@@ -74,7 +77,8 @@ class ModelServer:
         self.last_used = time.monotonic()
         loop = asyncio.get_running_loop()
         self.thread = EngineThread(
-            engine, lambda outs: loop.call_soon_threadsafe(worker.outputs.put_nowait, (self, outs)),
+            worker.metrics.metered(engine, model),
+            lambda outs: loop.call_soon_threadsafe(worker.outputs.put_nowait, (self, outs)),
             name=f"engine-{model}")
 
     @property
@@ -129,11 +133,13 @@ class ModelServer:
                 return
             active.seq = len(events)
             active.delivered = [t for e in events for t in e.token_ids]
+            active.delivered_chars = sum(len(e.text) for e in events)
             job.resume_token_ids = active.delivered
             if events:
                 w.takeovers += 1
                 log.info("resuming %s after %d delivered tokens", job.request_id, len(active.delivered),
                          extra={"request_id": job.request_id})
+        active.obs = w.metrics.track(job, self.model, recovered or bool(job.resume_token_ids))
         self.jobs[job.request_id] = active
         if job.deadline is not None and time.time() > job.deadline:
             await self.finish_early(active, "timeout", "the request's deadline passed before a worker ran it")
@@ -142,7 +148,8 @@ class ModelServer:
             await self.finish_early(active, "cancelled", None)
             return
         self.thread.add_request(EngineRequest(job.request_id, job.prompt_token_ids, job.params,
-                                      resume_token_ids=list(job.resume_token_ids)))
+                                              resume_token_ids=list(job.resume_token_ids),
+                                              resume_text_len=active.delivered_chars))
 
     async def dead_letter(self, entry_id: str, reason: str, job: Job | None) -> None:
         w = self.worker
@@ -196,6 +203,8 @@ class ModelServer:
         for active in left:
             self.jobs.pop(active.job.request_id, None)
             self.thread.cancel(active.job.request_id)
+            if active.obs is not None:
+                active.obs.abandoned("handed_back")
         if not left:
             return 0
         async with self.worker.redis.pipeline(transaction=True) as p:
@@ -251,6 +260,7 @@ class Worker:
         self.takeovers = 0
         self.dead_letters = 0
         self._control_tasks: set[asyncio.Task] = set()
+        self.metrics = WorkerMetrics(self)
 
     def add_model(self, model: str, engine: Engine, device: str = "cpu", dtype: str = "") -> ModelServer:
         server = ModelServer(self, model, engine, device, dtype)
@@ -305,6 +315,8 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.with_redis_retry(lambda r: r.ping())
+        if self.settings.worker_metrics_port > 0:
+            self.metrics.serve(self.settings.worker_metrics_host, self.settings.worker_metrics_port)
         self._tasks = [asyncio.create_task(self._publisher(), name="publisher"),
                        asyncio.create_task(self._heartbeat(), name="heartbeat"),
                        asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
@@ -332,6 +344,7 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
         for s in self.servers.values():
             s.thread.stop()
+        self.metrics.close()
         with contextlib.suppress(RedisError):
             await self.redis.delete(keys.worker_key(self.id))
         await self.redis.aclose()
@@ -349,10 +362,12 @@ class Worker:
         """One round trip: each gateway's events in one PUBLISH, finished jobs acked and deleted."""
         by_gateway: dict[str, list[TokenEvent]] = defaultdict(list)
         finished: list[ActiveJob] = []
+        observed: list[tuple[ActiveJob, EngineOutput]] = []
         for o in outs:
             active = server.jobs.get(o.request_id)
             if active is None:
                 continue
+            observed.append((active, o))
             job = active.job
             ev = TokenEvent(request_id=job.request_id, seq=active.seq, token_ids=o.new_token_ids,
                             text=o.new_text, finish_reason=o.finish_reason, error=o.error,
@@ -367,6 +382,7 @@ class Worker:
             if o.finish_reason is not None:
                 finished.append(active)
         ttl_ms = int(self.settings.progress_ttl * 1000)
+        sent_at = time.time()
         async with self.redis.pipeline(transaction=True) as p:
             for gateway_id, events in by_gateway.items():
                 for ev in events:
@@ -377,6 +393,7 @@ class Worker:
                 p.xack(server.stream, keys.JOBS_GROUP, active.entry_id)
                 p.xdel(server.stream, active.entry_id)
             await p.execute()
+        self.metrics.published(observed, sent_at)
         for active in finished:
             server.jobs.pop(active.job.request_id, None)
         if finished:

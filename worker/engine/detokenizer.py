@@ -56,6 +56,20 @@ class IncrementalDetokenizer:
         self.stopped = False  # a stop string was found; nothing more will be emitted
         self.stop_string: str | None = None
 
+    @classmethod
+    def resumed(cls, tokenizer: Any, prompt_ids: list[int], delivered_ids: list[int], delivered_chars: int,
+                stop: list[str] | None = None) -> IncrementalDetokenizer:
+        """The state an earlier detokenizer reached after ``delivered_ids`` had been shown as
+        ``delivered_chars`` characters: tokens are replayed one at a time (as they were generated),
+        so whatever it held back then is still pending now."""
+        detok = cls(tokenizer, prompt_ids, stop)
+        for t in delivered_ids:
+            detok.ids.append(t)
+            new = detok._decode_new()
+            detok.text += new
+        detok.emitted = min(delivered_chars, len(detok.text))
+        return detok
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 

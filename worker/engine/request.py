@@ -38,8 +38,12 @@ class Sequence:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.first_token_time: float | None = None
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=self.prompt_ids + self.output_ids,
-                                            stop=self.params.stop)
+        if request.resume_text_len is None:
+            self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=self.prompt_ids + self.output_ids,
+                                                stop=self.params.stop)
+        else:
+            self.detok = IncrementalDetokenizer.resumed(tokenizer, self.prompt_ids, self.output_ids,
+                                                        request.resume_text_len, self.params.stop)
         self.generator = make_generator(self.params.seed, device)
         if self.generator is not None and self.output_ids:
             advance_generator(self.generator, vocab_size, len(self.output_ids), device)
