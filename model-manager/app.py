@@ -38,7 +38,7 @@ from model_manager.schemas import ControlRequest, ImportPathRequest, ModelView, 
 from optimizer.plan import OptimizeError, check_passes, check_request, output_name
 from protocol import keys
 from protocol.artifacts import ArtifactStore, Manifest, validate_name
-from protocol.errors import APIError, unavailable
+from protocol.errors import APIError, overloaded, unavailable
 from protocol.messages import ControlMessage, WorkerInfo
 from protocol.settings import ManagerSettings
 
@@ -148,6 +148,8 @@ class State:
             return await self.run(go)
         except jobs.NameBusy as e:
             raise errors.conflict(str(e), "job_in_progress") from None
+        except jobs.QueueFull as e:
+            raise overloaded(str(e), retry_after=30) from None
 
 
 def _job_not_found(job_id: str) -> APIError:
@@ -253,12 +255,13 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
     # ---------------------------------------------------------------- models: read
     @app.get("/models")
     async def list_models() -> dict[str, Any]:
-        manifests: list[Manifest] = await state.run(state.store.list)
+        def read() -> list[tuple[Manifest, bool]]:
+            return [(m, state.store.is_bundled(m.name)) for m in state.store.list()]
+
+        found = await state.run(read)
         serving = await state.serving()
-        bundled = {m.name for m in manifests if state.store.bundled and (state.store.bundled / m.name).is_dir()
-                   and not (state.store.root / m.name).is_dir()}
-        data = [ModelView.of(m, m.name in bundled, serving.get(m.name, [])).model_dump(exclude={"manifest"})
-                for m in manifests]
+        data = [ModelView.of(m, bundled, serving.get(m.name, [])).model_dump(exclude={"manifest"})
+                for m, bundled in found]
         return {"object": "list", "data": data}
 
     @app.get("/models/search")

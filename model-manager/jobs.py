@@ -36,6 +36,8 @@ TIMEOUTS = {"pull": 24 * 3600, "import": 6 * 3600, "optimize": 6 * 3600}
 KEEP_SECONDS = 7 * 24 * 3600
 LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
 FINAL_STAGES = ("ready", "failed")
+# Jobs waiting for the jobs worker; past it a new request gets a 429 (the queue is bounded).
+MAX_QUEUED = 64
 
 
 class JobView(BaseModel):
@@ -159,8 +161,15 @@ def release(conn: redis.Redis, names: list[str], job_id: str) -> None:
         conn.eval(_RELEASE, 1, keys.manager_lock_key(n), job_id)
 
 
+class QueueFull(Exception):
+    pass
+
+
 def enqueue(conn: redis.Redis, kind: str, names: list[str], params: dict[str, Any], stale_seconds: float) -> Job:
-    """Claim ``names`` and queue a ``kind`` job; raises NameBusy when a live job holds one of them."""
+    """Claim ``names`` and queue a ``kind`` job; raises NameBusy when a live job holds one of them and
+    QueueFull when MAX_QUEUED jobs are already waiting."""
+    if queue(conn).count >= MAX_QUEUED:
+        raise QueueFull(f"{MAX_QUEUED} model jobs are already waiting; try again when some have finished")
     job_id = uuid.uuid4().hex
     _claim(conn, names, job_id, stale_seconds)
     now = time.time()

@@ -467,7 +467,7 @@ def test_the_spindle_models_cli(stack: Stack, tiny_artifacts: Path) -> None:
 
     r = cli("pull", "test/tiny-llama", "--name", "cli-pulled")
     assert r.returncode == 0 and "ready: cli-pulled" in r.stdout, r.stderr
-    assert "downloading" in r.stderr and "100.0%" in r.stderr  # the progress bar (one line per stage off a tty)
+    assert "100.0%" in r.stderr  # the progress bar (one line per stage when not on a terminal)
     r = cli("ls")
     assert r.returncode == 0 and any(ln.split()[0] == "cli-pulled" for ln in r.stdout.splitlines()[1:])
     r = cli("import", str(tiny_artifacts / "tiny-qwen2"), "--name", "cli-imported")
