@@ -19,7 +19,7 @@ query heads grouped by KV head (no ``repeat_kv`` copy); each prefill chunk gets 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,19 +35,56 @@ class PrefillSegment:
     start: int  # first row in the packed batch
     length: int  # new tokens
     context: int  # tokens already in the cache before this chunk
-    block_table: torch.Tensor  # [blocks] long
+    block_ids: torch.Tensor  # [blocks] long: the blocks holding positions [0, context + length)
 
 
 @dataclass
 class AttnMetadata:
+    """Everything the attention function needs for one step, built once and shared by all layers."""
+
     k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, kv_heads, head_dim]
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor  # [T] long: where each new token's K/V goes
     num_decodes: int  # the first rows are decodes, one token each
-    decode_block_tables: torch.Tensor | None  # [D, max_blocks] long
-    decode_key_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_block_ids: torch.Tensor | None  # [D * max_blocks] long, padded with block 0
     decode_positions: torch.Tensor | None  # [D] long
+    max_blocks: int
     prefills: list[PrefillSegment]
+    group: int  # query heads per KV head
+    dtype: torch.dtype
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """Additive mask ``[D, 1, 1, span]``: 0 where a decode attends, -inf elsewhere."""
+        key = ("decode", window)
+        if key not in self._masks:
+            span = self.max_blocks * self.k_cache[0].shape[1]
+            keys = torch.arange(span, device=self.slot_mapping.device)
+            pos = self.decode_positions[:, None]
+            ok = keys[None, :] <= pos
+            if window:
+                ok &= keys[None, :] > pos - window
+            self._masks[key] = _additive(ok, self.dtype).view(self.num_decodes, 1, 1, span)
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:
+        """Additive causal mask ``[G * n, context + n]`` for prefill segment ``i`` (heads grouped)."""
+        key = ("prefill", i, window)
+        if key not in self._masks:
+            seg = self.prefills[i]
+            total = seg.context + seg.length
+            dev = self.slot_mapping.device
+            q_pos = torch.arange(seg.context, total, device=dev)[:, None]
+            k_pos = torch.arange(total, device=dev)[None, :]
+            ok = k_pos <= q_pos
+            if window:
+                ok &= k_pos > q_pos - window
+            self._masks[key] = _additive(ok, self.dtype).repeat(self.group, 1)
+        return self._masks[key]
+
+
+def _additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
 
 
 def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,46 +104,34 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     window = kwargs.get("sliding_window")
-    block_size = k_cache.shape[1]
+    slot_shape = (-1, kv_heads, dim)
 
-    flat_k = k_cache.view(-1, kv_heads, dim)
-    flat_v = v_cache.view(-1, kv_heads, dim)
-    flat_k.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(flat_k.dtype))
-    flat_v.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(flat_v.dtype))
+    k_cache.view(slot_shape).index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(slot_shape).index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
     out = query.new_empty(tokens, heads, dim)
     nd = meta.num_decodes
     if nd:
+        # One query per sequence; its G query heads per KV head become G "query rows".
         q = query[0, :, :nd, :].transpose(0, 1).reshape(nd, kv_heads, group, dim)
-        bt = meta.decode_block_tables
-        span = bt.shape[1] * block_size
-        k = k_cache[bt].view(nd, span, kv_heads, dim).transpose(1, 2)
-        v = v_cache[bt].view(nd, span, kv_heads, dim).transpose(1, 2)
-        mask = meta.decode_key_mask
-        if window:
-            keys = torch.arange(span, device=query.device)
-            mask = mask & (keys > meta.decode_positions[:, None] - window).view(nd, 1, 1, span)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+        span = meta.max_blocks * k_cache.shape[1]
+        k = k_cache.index_select(0, meta.decode_block_ids).view(nd, span, kv_heads, dim).transpose(1, 2)
+        v = v_cache.index_select(0, meta.decode_block_ids).view(nd, span, kv_heads, dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask(window),
+                                           scale=scale)
         out[:nd] = o.reshape(nd, heads, dim)
-    for seg in meta.prefills:
-        n, ctx = seg.length, seg.context
-        total = ctx + n
-        q = query[0, :, seg.start:seg.start + n, :]  # [H, n, D]
-        if ctx == 0:
-            k = key[0, :, seg.start:seg.start + n, :]
-            v = value[0, :, seg.start:seg.start + n, :]
+    for i, seg in enumerate(meta.prefills):
+        n, total = seg.length, seg.context + seg.length
+        rows = slice(seg.start, seg.start + n)
+        if seg.context == 0:
+            k, v = key[0, :, rows, :], value[0, :, rows, :]
         else:
-            k = k_cache[seg.block_table].view(-1, kv_heads, dim)[:total].transpose(0, 1).to(q.dtype)
-            v = v_cache[seg.block_table].view(-1, kv_heads, dim)[:total].transpose(0, 1).to(q.dtype)
-        q_pos = torch.arange(ctx, total, device=query.device)
-        k_pos = torch.arange(total, device=query.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
-        if window:
-            mask &= k_pos[None, :] > q_pos[:, None] - window
-        # Group the query heads by KV head: [KVH, G*n, D] against [KVH, total, D].
-        qg = q.reshape(kv_heads, group * n, dim)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(group, 1), scale=scale)
-        out[seg.start:seg.start + n] = o.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
+            k = k_cache.index_select(0, seg.block_ids).view(slot_shape)[:total].transpose(0, 1).to(query.dtype)
+            v = v_cache.index_select(0, seg.block_ids).view(slot_shape)[:total].transpose(0, 1).to(query.dtype)
+        # Group the query heads by KV head: [KVH, G*n, D] against [KVH, total, D] (no repeat_kv copy).
+        qg = query[0, :, rows, :].reshape(kv_heads, group * n, dim)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.prefill_mask(i, window), scale=scale)
+        out[rows] = o.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
     return out.unsqueeze(0), None
 
 
@@ -143,6 +168,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         layers, kv_heads, head_dim = kv_geometry(model.config)
+        self.group = model.config.num_attention_heads // kv_heads
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
@@ -152,6 +178,7 @@ class ModelRunner:
         """Compute ``n`` new tokens for each ``(seq, n)``; return logits ``[S, V]`` for the sequences
         whose context is complete after this step (they sample), in batch order."""
         bs = self.block_size
+        dev = self.device
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -167,23 +194,22 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 keep.append(row + n - 1)
             if i >= num_decodes:
-                used = table[: -(-(start + n) // bs)]
-                prefills.append(PrefillSegment(row, n, start, torch.tensor(used, dtype=torch.long, device=self.device)))
-        dev = self.device
-        meta = AttnMetadata(self.k_cache, self.v_cache, torch.tensor(slots, dtype=torch.long, device=dev), num_decodes,
-                            None, None, None, prefills)
+                used = torch.tensor(table[: -(-(start + n) // bs)], dtype=torch.long, device=dev)
+                prefills.append(PrefillSegment(row, n, start, used))
+        max_blocks = max((len(s.block_table) for s, _ in items[:num_decodes]), default=0)
+        meta = AttnMetadata(
+            k_cache=self.k_cache, v_cache=self.v_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), num_decodes=num_decodes,
+            decode_block_ids=None, decode_positions=None, max_blocks=max_blocks, prefills=prefills,
+            group=self.group, dtype=self.dtype,
+        )
         if num_decodes:
-            decode_seqs = [seq for seq, _ in items[:num_decodes]]
-            max_blocks = max(len(s.block_table) for s in decode_seqs)
-            tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decode_seqs]
-            pos = torch.tensor(positions[:num_decodes], device=dev)
-            meta.decode_block_tables = torch.tensor(tables, device=dev)
-            meta.decode_positions = pos
-            keys = torch.arange(max_blocks * bs, device=dev)
-            meta.decode_key_mask = (keys[None, :] <= pos[:, None]).view(num_decodes, 1, 1, -1)
+            flat = [b for s, _ in items[:num_decodes] for b in s.block_table + [0] * (max_blocks - len(s.block_table))]
+            meta.decode_block_ids = torch.tensor(flat, dtype=torch.long, device=dev)
+            meta.decode_positions = torch.tensor(positions[:num_decodes], dtype=torch.long, device=dev)
         out = self.model(
-            input_ids=torch.tensor([input_ids], device=dev),
-            position_ids=torch.tensor([positions], device=dev),
+            input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
             use_cache=False,
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
             spindle_meta=meta,
