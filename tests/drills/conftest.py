@@ -23,7 +23,7 @@ def system_env(artifacts: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def drill_artifacts(tmp_path_factory) -> Path:
     from tests.tiny_models import make_tiny_model
 
@@ -32,7 +32,7 @@ def drill_artifacts(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_worker_system(tmp_path_factory, drill_artifacts) -> Iterator[System]:
     s = start_system(tmp_path_factory.mktemp("drill"), system_env(drill_artifacts))
     wait_workers(s, 2)
