@@ -163,9 +163,13 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(settings.artifacts_dir.mkdir, parents=True, exist_ok=True)
+        starter = asyncio.create_task(pull_on_start(state)) if settings.pull_on_start.strip() else None
         try:
             yield
         finally:
+            if starter is not None:
+                starter.cancel()
+                await asyncio.gather(starter, return_exceptions=True)
             await state.close()
 
     app = FastAPI(title="spindle model-manager", version="1", lifespan=lifespan,
@@ -443,6 +447,39 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         return await control("unload", name, req)
 
     return app
+
+
+async def pull_on_start(state: State, timeout: float = 120.0) -> None:
+    """PULL_ON_START: queue a pull for each listed repo whose model is not in the volume yet.
+
+    Waits (with backoff, up to ``timeout``) for Redis; a repo already being pulled is left alone; an
+    offline Hub makes the job fail with its usual one-line error, and the server runs on regardless.
+    """
+    repos = [r.strip() for r in state.settings.pull_on_start.split(",") if r.strip()]
+    delay, deadline = 0.5, time.monotonic() + timeout
+    while True:
+        try:
+            await state.redis.ping()
+            break
+        except redis.RedisError as e:
+            if time.monotonic() > deadline:
+                log.warning("PULL_ON_START skipped: Redis unavailable (%s)", e)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    for repo_id in repos:
+        name = repo_id.rsplit("/", 1)[-1]
+        try:
+            validate_repo_id(repo_id)
+            validate_name(name)
+            if await state.run(state.store.find, name) is not None:
+                continue
+            v = await state.enqueue("pull", [name], {"repo_id": repo_id, "revision": "main", "name": name})
+            log.info("PULL_ON_START: pulling %s as %s (job %s)", repo_id, name, v.id)
+        except APIError as e:
+            log.info("PULL_ON_START: %s not queued: %s", repo_id, e.message)
+        except (PullError, ValueError) as e:
+            log.warning("PULL_ON_START: ignoring %r: %s", repo_id, e)
 
 
 def _unlink(p: Path) -> None:

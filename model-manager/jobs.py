@@ -85,9 +85,11 @@ def fetch(conn: redis.Redis, job_id: str) -> Job | None:
 
 
 def _is_stale(job: Job, stale_seconds: float) -> bool:
+    """Started, but neither the start nor a progress report is younger than ``stale_seconds``."""
     progress = job.meta.get("progress") or {}
-    last = progress.get("updated_at") or (job.started_at.timestamp() if job.started_at else time.time())
-    return time.time() - float(last) > stale_seconds
+    started = job.started_at.timestamp() if job.started_at else time.time()
+    last = max(float(progress.get("updated_at") or 0.0), started)
+    return time.time() - last > stale_seconds
 
 
 def is_alive(job: Job | None, stale_seconds: float) -> bool:

@@ -35,6 +35,8 @@ class Progress:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
+        self.update(stage="starting", message="")
+        self.flush()
         if self.job is not None:
             self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
             self._thread.start()

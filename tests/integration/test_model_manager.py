@@ -106,13 +106,15 @@ def stack(redis_server: RedisProcess, tiny_artifacts: Path, tmp_path_factory: py
     pickled = {k: v for k, v in llama.items() if k != "model.safetensors"}
     hub.add_repo("test/pickled", files={**pickled, "pytorch_model.bin": b"not really a pickle"})
     hub.add_repo("test/sentiment", files=llama, pipeline_tag="text-classification")
+    hub.add_repo("test/auto", files=llama)
     redis.Redis.from_url(redis_server.url).flushall()
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_server.url, "ARTIFACTS_DIR": str(artifacts),
            "BUNDLED_MODELS_DIR": str(bundled), "IMPORT_DIR": str(imports), "HF_ENDPOINT": hub.url,
            "HF_TOKEN": HF_TOKEN, "HF_HOME": str(tmp / "hf-home"), "ADMIN_API_KEY": ADMIN_KEY,
            "MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "MIN_FREE_DISK_BYTES": "0", "JOB_STALE_SECONDS": "3",
-           "MANAGER_PORT": str(port), "LOG_FORMAT": "text", "TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+           "MANAGER_PORT": str(port), "LOG_FORMAT": "text", "PULL_ON_START": "test/auto",
+           "TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HF_HUB_OFFLINE", None)
     api_log = open(logs / "api.log", "w")  # noqa: SIM115
     api = subprocess.Popen([sys.executable, "-m", "model_manager"], cwd=REPO, env=env, stdout=api_log,
@@ -257,6 +259,14 @@ def test_refusals_and_errors_of_pull_jobs(stack: Stack) -> None:
     r = stack.client.post("/models/pull", json={"repo_id": "test/gated-llama"})  # HF_TOKEN opens it
     assert stack.wait_job(r.json()["id"])["stage"] == "ready"
     assert not any(p.name.startswith("pull-") for p in (stack.artifacts / ".tmp").iterdir())
+
+
+def test_pull_on_start_fetches_the_default_model(stack: Stack) -> None:
+    deadline = time.monotonic() + 60
+    while (r := stack.client.get("/models/auto")).status_code != 200:
+        assert time.monotonic() < deadline, stack.log_tail()
+        time.sleep(0.2)
+    assert r.json()["source"] == "hf:test/auto"
 
 
 def test_unreachable_hub_is_a_clear_error() -> None:
