@@ -23,7 +23,7 @@ from gateway import errors, native_routes, openai_routes, system_routes
 from gateway.admission import Admission
 from gateway.canceller import Canceller
 from gateway.dispatcher import Dispatcher
-from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.metrics import GatewayMetrics, MetricsMiddleware, RedisSampler
 from gateway.middleware import RequestContextMiddleware
 from gateway.service import Gateway
 from gateway.tokenization import TokenizerCache
@@ -90,12 +90,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.gateway = gw
         await gw.dispatcher.start(timeout=5.0)
         gw.canceller.start()
+        sampler = RedisSampler(metrics, redis, settings.queue_metrics_interval)
+        sampler.start()
         log.info("gateway %s up (redis %s, default model %s)", settings.gateway_id, settings.redis_url,
                  settings.default_model, extra={"gateway_id": settings.gateway_id})
         try:
             yield
         finally:
             gw.draining = True
+            await sampler.stop()
             await gw.canceller.stop()
             await gw.dispatcher.stop()
             gw.tokenizers.close()

@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from gateway.dispatcher import Subscription
 from gateway.errors import timeout_error
+from protocol import tracing
 from protocol.errors import APIError, unavailable
 from protocol.messages import Job, TokenEvent, TokenLogprob
 
@@ -65,6 +66,7 @@ class Generation:
         self.cancel_reason = "client_gone"
         self.done = False  # the job ended on the worker side (finished or failed there)
         self.closed = False
+        self.span = tracing.current_span()  # the request's span (None when tracing is off)
 
     @property
     def request_id(self) -> str:
@@ -125,6 +127,8 @@ class Generation:
         if self.first_token_at is None and (ev.token_ids or ev.text):
             self.first_token_at = now
             m.ttft.labels(self.model).observe(now - self.arrival)
+            if self.span is not None:
+                self.span.add_event("first_token", {"spindle.worker_id": ev.worker_id})
         self.completion_tokens = max(self.completion_tokens + len(ev.token_ids), ev.completion_tokens)
 
     def _finished(self, ev: TokenEvent) -> None:
@@ -136,6 +140,10 @@ class Generation:
         m.e2e.labels(self.model).observe(self.finished_at - self.arrival)
         m.success.labels(self.model, ev.finish_reason).inc()
         m.generation_tokens_hist.labels(self.model).observe(self.completion_tokens)
+        if self.span is not None:
+            self.span.set_attributes({"gen_ai.request.model": self.model, "spindle.finish_reason": ev.finish_reason,
+                                      "gen_ai.usage.input_tokens": self.prompt_tokens,
+                                      "gen_ai.usage.output_tokens": self.completion_tokens})
 
     def _timed_out(self, message: str) -> APIError:
         self.cancel_reason = "timeout"
@@ -184,7 +192,8 @@ class Generation:
         log.info("request %s %s: %s, %d+%d tokens, %.3fs", self.request_id, self.model,
                  self.finish_reason or f"ended ({self.cancel_reason})", self.prompt_tokens,
                  self.completion_tokens, self.elapsed(),
-                 extra={"request_id": self.client_request_id or self.request_id, "model": self.model})
+                 extra={"request_id": self.client_request_id or self.request_id, "model": self.model,
+                        "trace_id": tracing.trace_id_of(self.job.trace)})
 
 
 async def until_disconnected(request: Request) -> None:

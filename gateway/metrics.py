@@ -5,14 +5,36 @@ Names follow vLLM where vLLM has one (``vllm:time_to_first_token_seconds`` ...),
 route templates (``/v1/models/{model_id}``), never raw paths; a request that matched no route is
 ``endpoint="unmatched"``. ``llm_request_duration_seconds`` is measured until the last byte of the
 response (the end of the stream), not the first.
+
+What lives in Redis rather than in this process is sampled by ``RedisSampler``, a background task of
+the app's lifespan, every ``QUEUE_METRICS_INTERVAL`` seconds (a scrape never waits on Redis):
+``spindle_queue_depth{model_name}`` (jobs no worker has taken yet: the stream's length minus its
+pending entries, since workers delete the jobs they finish), ``spindle_queue_in_flight{model_name}``
+(taken, not finished), ``spindle_workers_live`` (live heartbeats, draining ones included),
+``spindle_workers{model_name}`` (live workers taking that model's jobs) and ``spindle_redis_up``.
+
+``MetricsMiddleware`` also opens the request's trace span when tracing is on (``protocol.tracing``):
+it continues a client's ``traceparent`` if one is sent, and ``Gateway.submit`` puts its context into
+the job, so the worker's spans join the same trace.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from typing import Any
 
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.workers import WorkerRegistry
+from protocol import keys, tracing
+
+log = logging.getLogger("gateway.metrics")
 
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -56,6 +78,17 @@ class GatewayMetrics:
         self.cancellations = Counter("spindle_gateway_cancellations",
                                      "Jobs cancelled by the gateway (client gone, timeout, error)",
                                      ["reason"], registry=r)
+        # Sampled from Redis by RedisSampler.
+        self.queue_depth = Gauge("spindle_queue_depth", "Jobs queued that no worker has taken yet",
+                                 ["model_name"], registry=r)
+        self.queue_in_flight = Gauge("spindle_queue_in_flight", "Jobs taken by a worker and not finished",
+                                     ["model_name"], registry=r)
+        self.workers_live = Gauge("spindle_workers_live", "Workers with a live heartbeat (draining included)",
+                                  registry=r)
+        self.workers = Gauge("spindle_workers", "Live workers taking a model's jobs (not draining)",
+                             ["model_name"], registry=r)
+        self.redis_up = Gauge("spindle_redis_up", "1 when the gateway's last Redis sample succeeded",
+                              registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -87,11 +120,119 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        span = start_request_span(scope)
         self.metrics.in_progress.inc()
         try:
-            await self.app(scope, receive, send_and_record)
+            if span is None:
+                await self.app(scope, receive, send_and_record)
+            else:
+                from opentelemetry.trace import use_span
+
+                with use_span(span, end_on_exit=False):
+                    await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.in_progress.dec()
             endpoint = route_template(scope)
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.duration.labels(endpoint).observe(time.perf_counter() - start)
+            if span is not None:
+                end_request_span(span, scope, endpoint, status)
+
+
+def start_request_span(scope: Scope) -> Any:
+    """The request's server span (continuing a client's ``traceparent``), or None when tracing is off."""
+    tracer = tracing.tracer("spindle.gateway")
+    if tracer is None:
+        return None
+    from opentelemetry.trace import SpanKind
+
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+               if k.lower() in (b"traceparent", b"tracestate")}
+    return tracer.start_span(scope["method"], context=tracing.extract(headers), kind=SpanKind.SERVER,
+                             attributes={"http.request.method": scope["method"], "url.path": scope["path"]})
+
+
+def end_request_span(span: Any, scope: Scope, endpoint: str, status: int) -> None:
+    span.update_name(f"{scope['method']} {endpoint}")
+    span.set_attributes({"http.route": endpoint, "http.response.status_code": status,
+                         "spindle.request_id": scope.get("spindle.request_id", "")})
+    if status >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+class RedisSampler:
+    """Samples queue depth, live workers and Redis' health into gauges every ``interval`` seconds."""
+
+    def __init__(self, metrics: GatewayMetrics, redis: aioredis.Redis, interval: float, max_streams: int = 256):
+        self.metrics = metrics
+        self.redis = redis
+        # Its own registry, uncached: sharing the request path's cache would let a sample taken just
+        # before a worker's first heartbeat answer requests with "no live worker".
+        self.workers = WorkerRegistry(redis, cache_seconds=0)
+        self.interval = interval
+        self.max_streams = max_streams
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="metrics-sampler")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.sample(), timeout=max(self.interval, 5.0))
+            except (RedisError, OSError, TimeoutError) as e:
+                self.metrics.redis_up.set(0)
+                log.debug("metrics sample failed: %s", e)
+            except Exception:
+                log.exception("metrics sample failed")
+            await asyncio.sleep(self.interval)
+
+    async def sample(self) -> None:
+        """One sample; raises RedisError when Redis is down (then the gauges keep their last values)."""
+        live = await self.workers.live()
+        prefix = keys.jobs_stream("")
+        streams: list[str] = []
+        async for key in self.redis.scan_iter(match=keys.jobs_stream("*"), count=500, _type="STREAM"):
+            streams.append(key.decode() if isinstance(key, bytes) else key)
+            if len(streams) >= self.max_streams:
+                break
+        results: list[Any] = []
+        if streams:
+            async with self.redis.pipeline(transaction=False) as p:
+                for stream in streams:
+                    p.xlen(stream)
+                    p.xpending(stream, keys.JOBS_GROUP)
+                results = await p.execute(raise_on_error=False)
+        depth: dict[str, tuple[int, int]] = {}
+        for i, stream in enumerate(streams):
+            length, pending = results[2 * i], results[2 * i + 1]
+            if isinstance(length, Exception):
+                continue
+            in_flight = 0 if isinstance(pending, Exception) else int(pending.get("pending") or 0)
+            depth[stream.removeprefix(prefix)] = (max(0, int(length) - in_flight), in_flight)
+        serving: dict[str, int] = {}
+        for w in live:
+            for model in w.models:
+                serving[model] = serving.get(model, 0) + (0 if w.draining else 1)
+        m = self.metrics  # no await from here on: a scrape sees all of one sample or none of it
+        m.queue_depth.clear()
+        m.queue_in_flight.clear()
+        m.workers.clear()
+        for model in sorted(set(depth) | set(serving)):
+            waiting, in_flight = depth.get(model, (0, 0))
+            m.queue_depth.labels(model).set(waiting)
+            m.queue_in_flight.labels(model).set(in_flight)
+            m.workers.labels(model).set(serving.get(model, 0))
+        m.workers_live.set(len(live))
+        m.redis_up.set(1)

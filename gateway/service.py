@@ -23,6 +23,7 @@ from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
 from gateway.tokenization import ModelTokenizer, TokenizerCache
 from gateway.workers import WorkerRegistry
+from protocol import tracing
 from protocol.errors import APIError, unavailable
 from protocol.messages import Job, SamplingParams
 from protocol.settings import GatewaySettings
@@ -97,7 +98,7 @@ class Gateway:
             release()
             raise
         job = Job(request_id=request_id, gateway_id=self.settings.gateway_id, model=tok.name,
-                  prompt_token_ids=prompt_ids, params=params,
+                  prompt_token_ids=prompt_ids, params=params, trace=tracing.inject(),
                   deadline=time.time() + max(0.0, self.settings.request_timeout - (time.monotonic() - arrival)))
         try:
             await self.admission.enqueue(job)

@@ -58,6 +58,8 @@ class GatewaySettings(CommonSettings):
     max_request_bytes: int = 1_000_000
     # A live worker is one whose heartbeat is younger than this (seconds); the key's TTL.
     heartbeat_ttl: float = 10.0
+    # Seconds between samples of queue depth, live workers and Redis health for /metrics; 0 = off.
+    queue_metrics_interval: float = 5.0
 
 
 class WorkerSettings(CommonSettings):
@@ -88,6 +90,8 @@ class WorkerSettings(CommonSettings):
     # Unload a model (not the worker's last) after this many idle seconds; 0 = never.
     model_idle_unload: float = 0.0
     worker_metrics_port: int = 0  # 0 = no metrics server
+    # Address the metrics server listens on (0.0.0.0 in containers, so Prometheus can scrape it).
+    worker_metrics_host: str = "127.0.0.1"
     torch_threads: int = 0  # 0 = torch's default
 
     def served_models(self) -> list[str]:

@@ -13,6 +13,7 @@ import signal
 from protocol.artifacts import ArtifactStore
 from protocol.logs import setup_logging
 from protocol.settings import WorkerSettings
+from protocol.tracing import setup_tracing, shutdown_tracing
 from worker.engine.api import Engine
 from worker.service import Worker
 
@@ -55,7 +56,8 @@ async def serve(settings: WorkerSettings) -> None:
 
 def main() -> None:
     settings = WorkerSettings()
-    setup_logging("worker", settings.log_level, settings.log_format)
+    setup_logging("worker", settings.log_level, settings.log_format, {"worker_id": settings.worker_id})
+    setup_tracing("worker")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -63,7 +65,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()  # export the spans still buffered
 
 
 if __name__ == "__main__":
