@@ -116,6 +116,8 @@ class ManagerSettings(CommonSettings):
     # A running job whose progress has not been refreshed for this long counts as dead (its worker
     # crashed), so a new pull of the same name may take over and resume its partial download.
     job_stale_seconds: float = 30.0
+    # Comma-separated Hub repo ids the model-manager pulls when it starts, if not in the volume yet.
+    pull_on_start: str = ""
 
 
 class UISettings(CommonSettings):
