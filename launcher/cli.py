@@ -19,7 +19,7 @@ import httpx
 
 from launcher.redis_server import redis_command, wait_for_redis
 from launcher.supervisor import Supervisor
-from protocol.settings import REPO_ROOT, GatewaySettings, LauncherSettings, UISettings
+from protocol.settings import REPO_ROOT, GatewaySettings, LauncherSettings, ManagerSettings, UISettings
 
 
 def _module_exists(name: str) -> bool:
@@ -52,9 +52,13 @@ def build(settings: LauncherSettings, sup: Supervisor) -> dict[str, str]:
     ui_app = REPO_ROOT / "ui" / "app.py"
     if "ui" in services and ui_app.exists() and _module_exists("streamlit"):
         ui = UISettings()
+        # The UI follows GATEWAY_PORT/MANAGER_PORT unless its URLs are given explicitly.
+        ui_env = {"GATEWAY_URL": f"http://127.0.0.1:{GatewaySettings().gateway_port}",
+                  "MANAGER_URL": f"http://127.0.0.1:{ManagerSettings().manager_port}"}
+        ui_env = {k: v for k, v in ui_env.items() if k not in os.environ}
         sup.add("ui", [py, "-m", "streamlit", "run", str(ui_app), "--server.port", str(ui.ui_port),
                        "--server.address", "127.0.0.1", "--server.headless", "true",
-                       "--browser.gatherUsageStats", "false"], env)
+                       "--browser.gatherUsageStats", "false"], {**env, **ui_env})
     return env
 
 
