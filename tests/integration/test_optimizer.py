@@ -129,3 +129,26 @@ def test_heldout_text_and_the_cli(store: ArtifactStore, monkeypatch: pytest.Monk
     assert optimizer_cli(["tiny-llama", "--passes", "fp16"]) == 2  # the output exists now
     assert optimizer_cli(["tiny-llama", "--passes", "int8", "--min-top1-agreement", "1.01"]) == 1
     assert not (store.root / "tiny-llama-int8").exists()
+
+
+def test_the_paged_engine_serves_an_int8_artifact(store: ArtifactStore) -> None:
+    """Greedy tokens from the engine on the int8 artifact equal transformers' generate on it."""
+    paged = pytest.importorskip("worker.engine.paged_engine")
+    from transformers import AutoTokenizer
+
+    from protocol.messages import SamplingParams
+    from worker.engine.api import EngineRequest
+
+    optimize(store, "tiny-llama", ["int8"])
+    path = store.root / "tiny-llama-int8"
+    model, tok = load_quantized(path, "float32", "cpu"), AutoTokenizer.from_pretrained(str(path))
+    engine = paged.PagedEngine(model, tok, max_batch=4, kv_cache_memory=16 * 1024**2)
+    prompt = tok("To be, or not to be", add_special_tokens=False).input_ids
+    engine.add_request(EngineRequest("r1", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    tokens: list[int] = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens += out.new_token_ids
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
+    assert tokens == want.tolist()
