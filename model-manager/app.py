@@ -489,7 +489,10 @@ def _unlink(p: Path) -> None:
 def _remove_model(store: ArtifactStore, path: Path) -> None:
     """Rename out of sight first (readers see the model or nothing), then delete at leisure."""
     trash = store.tmp_dir() / f"trash-{path.name}-{uuid.uuid4().hex[:8]}"
-    os.rename(path, trash)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # a concurrent delete won
+        raise errors.model_not_found(path.name) from None
     shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -1,9 +1,10 @@
 """rq jobs as the API sees them: enqueue with a per-name lock, read progress, count.
 
 Each job writes a progress record into its rq ``meta["progress"]`` (see ``progress.py``):
-``stage`` (queued, downloading, verifying, extracting, loading, converting, evaluating, ready,
-failed), ``bytes_done``/``bytes_total``, ``files_done``/``files_total``, ``current_file``,
-``message``, ``error`` and ``updated_at`` (refreshed at least every two seconds while it runs).
+``stage`` (queued, starting, downloading, verifying, extracting, loading, converting, evaluating,
+finishing; then ready or failed once rq has recorded the end), ``bytes_done``/``bytes_total``,
+``files_done``/``files_total``, ``current_file``, ``message``, ``error`` and ``updated_at``
+(refreshed at least every two seconds while it runs).
 
 Names: a job that will write model ``<name>`` holds ``keys.manager_lock_key(<name>)`` (its job id)
 from enqueue until it ends. A second request for the same name gets a 409, unless the holder is dead:
@@ -35,7 +36,7 @@ TASKS = {"pull": "model_manager.tasks.run_pull", "import": "model_manager.tasks.
 TIMEOUTS = {"pull": 24 * 3600, "import": 6 * 3600, "optimize": 6 * 3600}
 KEEP_SECONDS = 7 * 24 * 3600
 LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
-FINAL_STAGES = ("ready", "failed")
+FINAL_STATUSES = ("finished", "failed", "canceled", "stopped")
 # Jobs waiting for the jobs worker; past it a new request gets a 429 (the queue is bounded).
 MAX_QUEUED = 64
 
@@ -64,7 +65,8 @@ class JobView(BaseModel):
 
     @property
     def done(self) -> bool:
-        return self.stage in FINAL_STAGES
+        """rq has recorded the end (stage is then "ready" or "failed")."""
+        return self.status in FINAL_STATUSES
 
     @property
     def percent(self) -> float:
@@ -107,7 +109,7 @@ def view(job: Job, stale_seconds: float) -> JobView:
     stage = p.pop("stage", "queued")
     error = p.pop("error", None)
     result = None
-    if status == JobStatus.FINISHED:
+    if status == JobStatus.FINISHED:  # only rq's word makes a job ready: the result is stored by then
         stage = "ready"
         rv = job.return_value(refresh=False)
         result = rv if isinstance(rv, dict) else None

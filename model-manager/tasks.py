@@ -55,7 +55,7 @@ def _run(kind: str, job_names: list[str], body: Callable[[ManagerSettings, Artif
                 log.exception("%s job failed", kind)
                 progress.update(stage="failed", error=f"internal error: {type(e).__name__}: {e}", message="")
                 raise
-            progress.update(stage="ready", message="done", current_file="")
+            progress.update(stage="finishing", message="done", current_file="")
         if conn is not None:
             conn.hincrby(keys.MANAGER_STATS_KEY, f"jobs:{kind}:finished", 1)
         return result

@@ -67,7 +67,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             v = self.client.get(f"/models/jobs/{job_id}").json()
-            if v["stage"] in ("ready", "failed"):
+            if v["status"] in ("finished", "failed"):
                 return v
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} not done in {timeout}s: {v}\n{self.log_tail()}")
