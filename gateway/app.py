@@ -90,7 +90,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.gateway = gw
         await gw.dispatcher.start(timeout=5.0)
         gw.canceller.start()
-        sampler = RedisSampler(metrics, redis, settings.queue_metrics_interval)
+        sampler = RedisSampler(metrics, redis, settings.queue_metrics_interval,
+                               settings.queue_capacity)
         sampler.start()
         log.info("gateway %s up (redis %s, default model %s)", settings.gateway_id, settings.redis_url,
                  settings.default_model, extra={"gateway_id": settings.gateway_id})

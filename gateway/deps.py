@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the shared ``Gateway`` and the caller's identity (API-key auth)."""
+"""FastAPI dependencies: the shared ``Gateway`` and the caller's identity (API-key auth).
+
+Both are ``async def``: FastAPI runs plain ``def`` dependencies on its thread pool, a hop per call.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ from gateway.service import Gateway
 from protocol.errors import APIError
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def authenticate(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> str:
+async def authenticate(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> str:
     """The caller's identity for per-key limits; a 401 when API keys are configured and this is not one."""
     gw: Gateway = request.app.state.gateway
     client = request.client.host if request.client else "unknown"

@@ -11,7 +11,8 @@ the app's lifespan, every ``QUEUE_METRICS_INTERVAL`` seconds (a scrape never wai
 ``spindle_queue_depth{model_name}`` (jobs no worker has taken yet: the stream's length minus its
 pending entries, since workers delete the jobs they finish), ``spindle_queue_in_flight{model_name}``
 (taken, not finished), ``spindle_workers_live`` (live heartbeats, draining ones included),
-``spindle_workers{model_name}`` (live workers taking that model's jobs) and ``spindle_redis_up``.
+``spindle_workers{model_name}`` (live workers taking that model's jobs) and ``spindle_redis_up``;
+with ``spindle_queue_capacity`` (``QUEUE_CAPACITY``) beside them, so alerts can use the fraction.
 
 ``MetricsMiddleware`` also opens the request's trace span when tracing is on (``protocol.tracing``):
 it continues a client's ``traceparent`` if one is sent, and ``Gateway.submit`` puts its context into
@@ -89,6 +90,8 @@ class GatewayMetrics:
                              ["model_name"], registry=r)
         self.redis_up = Gauge("spindle_redis_up", "1 when the gateway's last Redis sample succeeded",
                               registry=r)
+        self.queue_capacity = Gauge("spindle_queue_capacity", "QUEUE_CAPACITY: queued jobs per model before 429s",
+                                    registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -166,8 +169,10 @@ def end_request_span(span: Any, scope: Scope, endpoint: str, status: int) -> Non
 class RedisSampler:
     """Samples queue depth, live workers and Redis' health into gauges every ``interval`` seconds."""
 
-    def __init__(self, metrics: GatewayMetrics, redis: aioredis.Redis, interval: float, max_streams: int = 256):
+    def __init__(self, metrics: GatewayMetrics, redis: aioredis.Redis, interval: float, queue_capacity: int,
+                 max_streams: int = 256):
         self.metrics = metrics
+        metrics.queue_capacity.set(queue_capacity)
         self.redis = redis
         # Its own registry, uncached: sharing the request path's cache would let a sample taken just
         # before a worker's first heartbeat answer requests with "no live worker".

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from gateway import sse
 from gateway.deps import authenticate, get_gateway
@@ -58,9 +59,9 @@ async def _start(gw: Gateway, request: Request, identity: str, model: str | None
     return tok, gen
 
 
-@router.post("/generate", responses=ERROR_RESPONSES)
+@router.post("/generate", response_model=None, responses=ERROR_RESPONSES)
 async def generate(body: GenerateRequest, request: Request, gw: Gateway = Depends(get_gateway),
-                   identity: str = Depends(authenticate)) -> dict[str, Any]:
+                   identity: str = Depends(authenticate)) -> JSONResponse:
     """Generate text for a prompt: ``{"text", "tokens", "finish_reason", "usage", "timings"}``."""
     _tok, gen = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
                              "max_new_tokens", lambda n: body.sampling(n))
@@ -68,7 +69,7 @@ async def generate(body: GenerateRequest, request: Request, gw: Gateway = Depend
         out = await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
-    return {"text": out.text, "tokens": out.token_ids, **summary(gen)}
+    return JSONResponse({"text": out.text, "tokens": out.token_ids, **summary(gen)})
 
 
 async def _token_stream(gen: Generation) -> AsyncIterator[str]:
@@ -153,4 +154,4 @@ async def llama_completion(body: LlamaCompletionRequest, request: Request, gw: G
         out: Outcome = await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
-    return llama_final(gen, body, out.text, prompt_text)
+    return JSONResponse(llama_final(gen, body, out.text, prompt_text))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from gateway import openai_format as fmt
 from gateway import sse
@@ -75,7 +76,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, gw: Ga
         out = await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
-    return fmt.chat_completion(rid, tok.name, created, out)
+    return JSONResponse(fmt.chat_completion(rid, tok.name, created, out))
 
 
 @router.post("/v1/completions", response_model=None, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
@@ -96,7 +97,7 @@ async def completions(body: CompletionRequest, request: Request, gw: Gateway = D
         out = await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
-    return fmt.text_completion(rid, tok.name, created, out)
+    return JSONResponse(fmt.text_completion(rid, tok.name, created, out))
 
 
 def _model_card(name: str, manifest: Any | None, served: bool) -> dict[str, Any]:
