@@ -468,29 +468,33 @@ def test_status_and_metrics(stack: Stack) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def test_the_spindle_models_cli(stack: Stack, tiny_artifacts: Path) -> None:
+def test_the_spindle_models_cli(stack: Stack, tiny_artifacts: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.cli import main as spindle
+
     env = {**stack.env, "MANAGER_URL": stack.url, "ADMIN_API_KEY": ADMIN_KEY}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "launcher", "models", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
-
-    r = cli("pull", "test/tiny-llama", "--name", "cli-pulled")
+    r = subprocess.run([sys.executable, "-m", "launcher", "models", "pull", "test/tiny-llama", "--name", "cli-pulled"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ready: cli-pulled" in r.stdout, r.stderr
     assert "100.0%" in r.stderr  # the progress bar (one line per stage when not on a terminal)
-    r = cli("ls")
-    assert r.returncode == 0 and any(ln.split()[0] == "cli-pulled" for ln in r.stdout.splitlines()[1:])
-    r = cli("import", str(tiny_artifacts / "tiny-qwen2"), "--name", "cli-imported")
-    assert r.returncode == 0 and "ready: cli-imported" in r.stdout, r.stderr
-    r = cli("search", "tiny")
-    assert r.returncode == 0 and "test/tiny-llama" in r.stdout
-    assert "cli-imported" in cli("show", "cli-imported").stdout
-    r = cli("rm", "cli-pulled")
-    assert r.returncode == 0 and not (stack.artifacts / "cli-pulled").exists()
-    r = cli("rm", "cli-pulled")
-    assert r.returncode == 1 and "does not exist" in r.stderr
-    r = cli("pull", "../etc")
-    assert r.returncode == 1 and "invalid repo_id" in r.stderr
-    env["ADMIN_API_KEY"] = "wrong"
-    r = cli("rm", "cli-imported")
-    assert r.returncode == 1 and "admin API key" in r.stderr
+
+    def cli(*args: str, key: str = ADMIN_KEY) -> tuple[int, str, str]:
+        code = spindle(["models", "--url", stack.url, "--admin-key", key, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = cli("ls")
+    assert code == 0 and any(ln.split()[0] == "cli-pulled" for ln in out.splitlines()[1:])
+    code, out, err = cli("import", str(tiny_artifacts / "tiny-qwen2"), "--name", "cli-imported")
+    assert code == 0 and "ready: cli-imported" in out, err
+    code, out, _ = cli("search", "tiny")
+    assert code == 0 and "test/tiny-llama" in out
+    assert '"id": "cli-imported"' in cli("show", "cli-imported")[1]
+    assert cli("rm", "cli-pulled")[0] == 0 and not (stack.artifacts / "cli-pulled").exists()
+    code, _, err = cli("rm", "cli-pulled")
+    assert code == 1 and "does not exist" in err
+    code, _, err = cli("pull", "../etc")
+    assert code == 1 and "invalid repo_id" in err
+    code, _, err = cli("rm", "cli-imported", key="wrong")
+    assert code == 1 and "admin API key" in err
+    code, _, err = spindle(["models", "--url", f"http://127.0.0.1:{free_port()}", "ls"]), *capsys.readouterr()
+    assert code == 1 and "cannot reach the model-manager" in err
