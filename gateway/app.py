@@ -8,6 +8,7 @@ Redis comes up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from gateway.service import Gateway
 from gateway.tokenization import TokenizerCache
 from gateway.workers import WorkerRegistry
 from protocol.artifacts import ArtifactStore
+from protocol.errors import APIError
 from protocol.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -47,6 +49,17 @@ def create_redis(settings: GatewaySettings) -> aioredis.Redis:
         socket_connect_timeout=2, health_check_interval=10,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
     return aioredis.Redis(connection_pool=pool)
+
+
+async def warm_up(gw: Gateway) -> None:
+    """Import transformers and load the default model's tokenizer before the first request needs it
+    (importing transformers alone takes seconds). ``/ready`` waits for this to end, however it ends."""
+    try:
+        await gw.tokenizers.get(gw.settings.default_model)
+    except APIError as e:
+        log.warning("could not preload the tokenizer of %s: %s", gw.settings.default_model, e.message)
+    except Exception:
+        log.exception("could not preload the tokenizer of %s", gw.settings.default_model)
 
 
 def use_400_for_validation_errors(app: FastAPI) -> None:
@@ -90,6 +103,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.gateway = gw
         await gw.dispatcher.start(timeout=5.0)
         gw.canceller.start()
+        gw.warm_up = asyncio.create_task(warm_up(gw), name="tokenizer-warm-up")
         sampler = RedisSampler(metrics, redis, settings.queue_metrics_interval,
                                settings.queue_capacity)
         sampler.start()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ class Gateway:
     admission: Admission
     metrics: GatewayMetrics
     draining: bool = False
+    warm_up: asyncio.Task | None = None  # the default model's tokenizer being preloaded
+
+    @property
+    def warmed_up(self) -> bool:
+        return self.warm_up is None or self.warm_up.done()
 
     async def model_for(self, name: str | None) -> ModelTokenizer:
         name = name or self.settings.default_model

@@ -29,10 +29,12 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", responses={503: {"description": "Not ready (OpenAI error object plus the checks)"}})
 async def ready(gw: Gateway = Depends(get_gateway)) -> Any:
-    """Readiness: Redis answers, the event subscription is live, a live worker serves the default model."""
+    """Readiness: Redis answers, the event subscription is live, a live worker serves the default model (and
+    the default model's tokenizer preload has ended)."""
     model = gw.settings.default_model
     checks: dict[str, Any] = {"redis": False, "events_subscribed": gw.dispatcher.subscribed.is_set(),
-                              "default_model": model, "workers_for_default_model": 0, "draining": gw.draining}
+                              "default_model": model, "workers_for_default_model": 0, "draining": gw.draining,
+                              "tokenizer_warmed_up": gw.warmed_up}
     problem = None
     try:
         await asyncio.wait_for(gw.redis.ping(), 2.0)
@@ -43,6 +45,8 @@ async def ready(gw: Gateway = Depends(get_gateway)) -> Any:
     if problem is None:
         if gw.draining:
             problem = "the gateway is shutting down"
+        elif not checks["tokenizer_warmed_up"]:
+            problem = f"still loading the tokenizer of '{model}'"
         elif not checks["events_subscribed"]:
             problem = "not subscribed to the event channel yet"
         elif not checks["workers_for_default_model"]:
