@@ -27,6 +27,7 @@ import redis
 import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -254,7 +255,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
                     "models": len(state.store.list()), "disk_free": usage.free, "disk_total": usage.total}
 
         body = state.metrics.render(await state.run(snapshot))
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     # ---------------------------------------------------------------- models: read
     @app.get("/models")
