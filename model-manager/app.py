@@ -72,17 +72,26 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await _send_error(send, errors.too_large(self.limit))
                 return
-        seen = 0
+        seen, refused = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
+            """Past the limit: answer 413 ourselves and tell the app the client went away."""
+            nonlocal seen, refused
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise errors.too_large(self.limit)
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    if not refused:
+                        refused = True
+                        await _send_error(send, errors.too_large(self.limit))
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded(message: Message) -> None:
+            if not refused:  # the app's own answer to the "disconnect" goes nowhere
+                await send(message)
+
+        await self.app(scope, limited, guarded)
 
 
 async def _send_error(send: Send, err: APIError) -> None:

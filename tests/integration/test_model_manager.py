@@ -340,6 +340,8 @@ def test_every_bad_name_and_path_is_refused(stack: Stack) -> None:
     assert assert_error(pull({"repo_id": "test/tiny-llama", "name": "bundled-gpt2"}), 409)["code"] == "model_exists"
     assert_error(c.post("/models/pull", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
     assert_error(c.post("/models/pull", content=b"x" * 2_000_000, headers={"Content-Type": "application/json"}), 413)
+    chunks = (b"x" * 65536 for _ in range(40))  # no Content-Length: refused while it streams
+    assert_error(c.post("/models/pull", content=chunks, headers={"Content-Type": "application/json"}), 413)
 
     for path in ("/models/%2e%2e", "/models/..%2F..%2Fetc", "/models/.hidden", "/models/a%00b"):
         assert_error(c.get(path))
