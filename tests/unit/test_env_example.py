@@ -30,7 +30,8 @@ THIRD_PARTY = {
     "COMPOSE_PROFILES": "docker compose itself",
 }
 # Read by docker-compose.yml only, as ${NAME:-default}; the default there must be the one here.
-COMPOSE_ONLY = {"SPINDLE_TAG", "WORKER_STOP_GRACE_PERIOD", "REDIS_MAXMEMORY", "IMPORT_HOST_DIR"}
+COMPOSE_ONLY = {"SPINDLE_TAG", "WORKER_STOP_GRACE_PERIOD", "REDIS_MAXMEMORY", "IMPORT_HOST_DIR",
+                "PROMETHEUS_PORT", "PROMETHEUS_RETENTION", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD"}
 
 
 def settings_classes() -> list[type[BaseSettings]]:
