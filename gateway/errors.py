@@ -90,8 +90,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif status == 405:
         err = APIError(405, f"Method {request.method} is not allowed on {request.url.path}",
                        "invalid_request_error", None, "method_not_allowed")
-    elif status == 400 and "parsing the body" in str(exc.detail):  # FastAPI: not decodable (e.g. not UTF-8)
-        err = bad_request("Request body could not be parsed: send UTF-8 encoded JSON", code="invalid_json")
+    elif status == 400 and "parsing the body" in str(exc.detail):  # FastAPI: bad UTF-8, too deep
+        err = bad_request("Request body could not be parsed as JSON (it must be UTF-8, and not nested too deeply)",
+                          code="invalid_json")
     else:
         err = APIError(status, str(exc.detail), "invalid_request_error" if status < 500 else "server_error")
     err.headers = dict(exc.headers or {})

@@ -36,8 +36,31 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
+def _valid_unicode(value: Any) -> None:
+    """JSON escapes can smuggle lone surrogates (``"\\ud800"``) into a str: tokenizers and the job's JSON
+    cannot take them, so they are a 400 here."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    elif isinstance(value, list) and value and not isinstance(value[0], int):
+        for item in value:
+            _valid_unicode(item)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _valid_unicode(k)
+            _valid_unicode(item)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_lone_surrogates(cls, v: Any) -> Any:
+        _valid_unicode(v)
+        return v
 
 
 class StreamOptions(_Strict):

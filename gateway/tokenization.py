@@ -66,7 +66,11 @@ class ModelTokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt, with the tokenizer's special tokens (BOS) as ``tokenizer(text)`` adds them."""
-        return list(self.tokenizer(text)["input_ids"])
+        try:
+            return list(self.tokenizer(text)["input_ids"])
+        except Exception as e:  # the tokenizer refused this input
+            raise APIError(400, f"The prompt could not be tokenized: {e}", param="prompt",
+                           code="tokenization_error") from e
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages through the chat template with the generation prompt, as transformers does it."""

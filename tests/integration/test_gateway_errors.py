@@ -88,11 +88,27 @@ def test_invalid_bodies_are_400(gw, worker, path, body, param):
     assert nothing_queued(worker)
 
 
-@pytest.mark.parametrize("raw", [b'{"messages": [', b"not json at all", b'{"messages": [}]}', b"\xff\xfe{"])
+DEEP = b'{"messages":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+
+
+@pytest.mark.parametrize("raw", [b'{"messages": [', b"not json at all", b'{"messages": [}]}', b"\xff\xfe{", DEEP],
+                         ids=["truncated", "not-json", "bad-syntax", "not-utf8", "nested-too-deep"])
 def test_malformed_json_is_400(gw, worker, raw):
     r = httpx.post(gw.url + CHAT, content=raw, headers={"content-type": "application/json"})
     err = assert_openai_error(r, 400)
     assert err["code"] == "invalid_json" or "JSON" in err["message"]
+    assert nothing_queued(worker)
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), [
+    (COMPLETIONS, b'{"prompt": "\\ud800x"}', "prompt"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages[0].content"),
+    (COMPLETIONS, b'{"prompt": "ok", "stop": ["\\ud800"]}', "stop"),
+])
+def test_lone_surrogates_are_400(gw, worker, path, raw, param):
+    """JSON escapes can encode text that is not valid Unicode; it must not reach a tokenizer or Redis."""
+    r = httpx.post(gw.url + path, content=raw, headers={"content-type": "application/json"})
+    assert "Unicode" in assert_openai_error(r, 400, param)["message"]
     assert nothing_queued(worker)
 
 
