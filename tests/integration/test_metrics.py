@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import redis.asyncio as aioredis
 
 from protocol import keys
@@ -122,3 +123,25 @@ async def test_worker_metrics_endpoint_serves_prometheus_text(redis_url, tiny_ar
         assert info["status"] == "ready"
         raw = await aioredis.Redis.from_url(redis_url).get(keys.worker_key(stack.worker.id))
         assert json.loads(raw)["metrics_port"] == int(stack.worker_metrics_url.split(":")[2].split("/")[0])
+
+
+async def test_redis_up_follows_redis(tiny_artifacts, tmp_path):
+    """spindle_redis_up (the SpindleRedisDown alert's input) drops to 0 when Redis goes away."""
+    from launcher.redis_server import RedisProcess
+    from tests.integration.gateway_harness import gateway_settings, start_gateway
+
+    server = RedisProcess(tmp_path / "redis").start()
+    gateway = await asyncio.to_thread(
+        start_gateway, gateway_settings(server.url, tiny_artifacts, tmp_path, queue_metrics_interval=0.1))
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            async def redis_up(expected: int) -> bool:
+                text = (await http.get(gateway.url + "/metrics")).text
+                return has(text, "spindle_redis_up") and value(text, "spindle_redis_up") == expected
+
+            await eventually(lambda: redis_up(1), what="spindle_redis_up 1")
+            await asyncio.to_thread(server.stop)
+            await eventually(lambda: redis_up(0), what="spindle_redis_up 0 with Redis stopped")
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        server.stop()
