@@ -113,6 +113,14 @@ class WorkerMetrics:
                                       buckets=STEP_BUCKETS, registry=r)
         r.register(EngineCollector(worker))
         self._server: WSGIServer | None = None
+        self._series: dict[str, ModelSeries] = {}
+
+    def for_model(self, model: str) -> ModelSeries:
+        """The model's labelled series, bound once (a ``labels()`` lookup costs more than an observation)."""
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = ModelSeries(self, model)
+        return series
 
     # -- the HTTP endpoint -------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
@@ -151,11 +159,28 @@ class WorkerMetrics:
                 active.obs.published(output, now, wall, sent_at)
 
 
+class ModelSeries:
+    """One model's children of the per-request metrics."""
+
+    def __init__(self, m: WorkerMetrics, model: str) -> None:
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
+        self.e2e = m.e2e.labels(model)
+        self.queue_time = m.queue_time.labels(model)
+        self.prefill_time = m.prefill_time.labels(model)
+        self.decode_time = m.decode_time.labels(model)
+        self.prompt_tokens_hist = m.prompt_tokens_hist.labels(model)
+        self.generation_tokens_hist = m.generation_tokens_hist.labels(model)
+        self.prompt_tokens = m.prompt_tokens.labels(model)
+        self.generation_tokens = m.generation_tokens.labels(model)
+
+
 class RequestObs:
     """One job's timings on this worker: metrics when its outputs are published, and its spans."""
 
     def __init__(self, metrics: WorkerMetrics, job: Job, model: str, recovered: bool) -> None:
         self.m = metrics
+        self.s = metrics.for_model(model)
         self.job = job
         self.model = model
         self.taken = time.monotonic()
@@ -167,7 +192,7 @@ class RequestObs:
         self.tokens = 0
         self.span: Span | None = None
         if not recovered:
-            metrics.queue_time.labels(model).observe(max(0.0, self.taken_wall - job.created_at))
+            self.s.queue_time.observe(max(0.0, self.taken_wall - job.created_at))
         tracer = tracing.tracer("spindle.worker")
         if tracer is not None:
             self._start_span(tracer, recovered)
@@ -177,36 +202,36 @@ class RequestObs:
         return tracing.span_trace_id(self.span) or tracing.trace_id_of(self.job.trace)
 
     def published(self, out: EngineOutput, now: float, wall: float, sent_at: float) -> None:
-        m, model = self.m, self.model
+        s = self.s
         first = False
         if out.new_token_ids:
             if self.first_token is None:
                 first = True
                 self.first_token, self.first_token_wall = now, wall
-                m.ttft.labels(model).observe(now - self.taken)
-                m.prefill_time.labels(model).observe(now - self.taken)
-                m.prompt_tokens.labels(model).inc(len(self.job.prompt_token_ids))
+                s.ttft.observe(now - self.taken)
+                s.prefill_time.observe(now - self.taken)
+                s.prompt_tokens.inc(len(self.job.prompt_token_ids))
                 self._child("prefill", self.taken_wall, wall)
                 self._child("publish", sent_at, wall, tokens=len(out.new_token_ids))
             else:
-                m.itl.labels(model).observe(now - (self.last_token or now))
+                s.itl.observe(now - (self.last_token or now))
             self.last_token, self.last_token_wall = now, wall
             self.tokens += len(out.new_token_ids)
-            m.generation_tokens.labels(model).inc(len(out.new_token_ids))
+            s.generation_tokens.inc(len(out.new_token_ids))
         if out.finish_reason is not None:
             self._finished(out, now, wall, sent_at, first)
 
     def _finished(self, out: EngineOutput, now: float, wall: float, sent_at: float, first: bool) -> None:
-        m, model, reason = self.m, self.model, out.finish_reason or "stop"
-        m.e2e.labels(model).observe(now - self.taken)
+        s, model, reason = self.s, self.model, out.finish_reason or "stop"
+        s.e2e.observe(now - self.taken)
         if reason in SUCCESS_REASONS:
-            m.success.labels(model, reason).inc()
+            self.m.success.labels(model, reason).inc()
         else:
-            m.errors.labels(error_type(out)).inc()
+            self.m.errors.labels(error_type(out)).inc()
         if self.first_token is not None:
-            m.decode_time.labels(model).observe((self.last_token or now) - self.first_token)
-            m.prompt_tokens_hist.labels(model).observe(len(self.job.prompt_token_ids))
-            m.generation_tokens_hist.labels(model).observe(self.tokens)
+            s.decode_time.observe((self.last_token or now) - self.first_token)
+            s.prompt_tokens_hist.observe(len(self.job.prompt_token_ids))
+            s.generation_tokens_hist.observe(self.tokens)
         extra = {"request_id": self.job.request_id, "model": model, "worker_id": self.m.worker.id}
         if trace_id := self.trace_id:
             extra["trace_id"] = trace_id
