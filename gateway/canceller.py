@@ -6,7 +6,8 @@ in one round trip, sets ``keys.cancelled_key(id)`` (with a TTL, for a job not ye
 and publishes one ``CancelMessage`` on ``keys.CANCEL_CHANNEL`` (for jobs already running).
 
 Bounds: at most ``max_pending`` ids wait; past that an id is dropped (and counted) -- its job still
-ends at its deadline. A batch that fails to reach Redis is retried with backoff a few times.
+ends at its deadline. A batch that fails to reach Redis (Redis down) is retried with backoff until
+Redis is back or ``give_up_after`` seconds have passed (by then the jobs are past their deadline).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -24,13 +26,14 @@ from protocol.messages import CancelMessage
 log = logging.getLogger("gateway.canceller")
 
 BATCH = 256
-ATTEMPTS = 5
 
 
 class Canceller:
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, max_pending: int = 10_000):
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, max_pending: int = 10_000,
+                 give_up_after: float | None = None):
         self.redis = redis
         self.ttl = max(1, int(ttl_seconds))
+        self.give_up_after = self.ttl if give_up_after is None else give_up_after
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=max_pending)
         self._task: asyncio.Task | None = None
         self.sent = 0
@@ -69,7 +72,8 @@ class Canceller:
 
     async def _send(self, request_ids: list[str]) -> None:
         delay = 0.1
-        for attempt in range(ATTEMPTS):
+        start = time.monotonic()
+        while True:
             try:
                 async with self.redis.pipeline(transaction=False) as p:
                     for rid in request_ids:
@@ -79,7 +83,7 @@ class Canceller:
                 self.sent += len(request_ids)
                 return
             except RedisError as e:
-                if attempt == ATTEMPTS - 1:
+                if time.monotonic() - start > self.give_up_after:
                     self.dropped += len(request_ids)
                     log.error("could not cancel %d job(s): %s", len(request_ids), e)
                     return
