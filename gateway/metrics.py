@@ -37,6 +37,8 @@ from protocol import keys, tracing
 
 log = logging.getLogger("gateway.metrics")
 
+UNTRACED_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -143,9 +145,10 @@ class MetricsMiddleware:
 
 
 def start_request_span(scope: Scope) -> Any:
-    """The request's server span (continuing a client's ``traceparent``), or None when tracing is off."""
+    """The request's server span (continuing a client's ``traceparent``); None when tracing is off and for
+    the probes (``UNTRACED_PATHS``), which would bury the requests' traces under their own."""
     tracer = tracing.tracer("spindle.gateway")
-    if tracer is None:
+    if tracer is None or scope["path"] in UNTRACED_PATHS:
         return None
     from opentelemetry.trace import SpanKind
 

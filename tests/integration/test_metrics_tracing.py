@@ -46,6 +46,7 @@ async def test_one_trace_spans_gateway_and_worker(redis_url, tiny_artifacts, tmp
         await eventually(lambda: wanted <= names(), what=f"spans {wanted}")
         worker_id = stack.worker.id
 
+    assert not [s.name for s in spans.get_finished_spans() if s.name.startswith("GET")], "probes are not traced"
     finished = [s for s in spans.get_finished_spans() if s.name in wanted]
     assert {format(s.context.trace_id, "032x") for s in finished} == {TRACE_ID}
     by_name = {s.name: s for s in finished}
