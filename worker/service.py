@@ -344,7 +344,7 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
         for s in self.servers.values():
             s.thread.stop()
-        self.metrics.close()
+        await asyncio.to_thread(self.metrics.close)  # joins the HTTP server's thread
         with contextlib.suppress(RedisError):
             await self.redis.delete(keys.worker_key(self.id))
         await self.redis.aclose()
