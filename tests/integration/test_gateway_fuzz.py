@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from tests.integration.gateway_harness import AutoResponder, FakeWorker, gateway_settings, start_gateway
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(
-    max_size=20)
+json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.text(max_size=8), inner, max_size=3), max_leaves=8)
 
