@@ -59,7 +59,7 @@ def attempt(fn: Callable[[], T], prefix: str = "") -> T | None:
 
 def human_bytes(n: float | None) -> str:
     if n is None:
-        return "-"
+        return "—"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -69,7 +69,7 @@ def human_bytes(n: float | None) -> str:
 
 def human_count(n: float | None) -> str:
     if not n:
-        return "-"
+        return "—"
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.1f}{unit}"
@@ -78,7 +78,7 @@ def human_count(n: float | None) -> str:
 
 def ago(ts: float | None, now: float | None = None) -> str:
     if not ts:
-        return "-"
+        return "—"
     d = max(0.0, (time.time() if now is None else now) - ts)
     if d < 60:
         return f"{d:.1f} s ago"

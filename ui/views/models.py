@@ -21,6 +21,7 @@ ss = st.session_state
 
 
 NOTICE_SECONDS = 120.0
+DASH = "—"  # st.table renders cells as Markdown, where a lone "-" is a bullet
 
 
 def notify(kind: str, text: str, progress: float | None = None) -> None:
@@ -89,7 +90,7 @@ def quality_table(result: dict[str, Any]) -> pd.DataFrame:
         rows.append({"model": m.get("name"), "pass": m.get("pass"), "perplexity": q.get("perplexity"),
                      "source perplexity": q.get("source_perplexity"), "ratio": ratio, "max ratio": max_ratio,
                      "top-1 agreement": agree, "min agreement": min_agree, "gate": "passed" if passed else
-                     ("failed" if passed is False else "-")})
+                     ("failed" if passed is False else DASH)})
     return pd.DataFrame(rows)
 
 
@@ -105,19 +106,21 @@ if notice:
     last = ss.get("last_job_result")
     if last and last.get("kind") == "optimize" and last.get("result"):
         st.caption("Quality gate (held-out text): perplexity ratio to the source and greedy top-1 agreement")
-        st.dataframe(quality_table(last["result"]), hide_index=True)
+        st.table(quality_table(last["result"]), hide_index=True)
 
 # ----------------------------------------------------------------------------------------- the list
 models = attempt(mgr.models) or []
 if models:
     table = pd.DataFrame([{
-        "name": m.get("id"), "status": m.get("status"), "workers": ", ".join(m.get("workers") or []) or "-",
-        "size": human_bytes(m.get("size_bytes")), "dtype": m.get("dtype"),
-        "quantization": m.get("quantization") or "-", "params": human_count(m.get("parameter_count")),
-        "context": m.get("context_length"), "architecture": m.get("architecture"), "source": m.get("source"),
-        "passes": ", ".join(m.get("passes") or []) or "-", "bundled": m.get("bundled"),
+        "name": m.get("id"), "status": m.get("status"), "workers": ", ".join(m.get("workers") or []) or DASH,
+        "size": human_bytes(m.get("size_bytes")),
+        "dtype": m.get("dtype") + (f" ({m['quantization']})" if m.get("quantization") else ""),
+        "params": human_count(m.get("parameter_count")), "context": m.get("context_length"),
+        "architecture": (m.get("architecture") or DASH).removesuffix("ForCausalLM"),
+        "source": (m.get("source") or DASH) + (" (bundled)" if m.get("bundled") else ""),
+        "passes": ", ".join(m.get("passes") or []) or DASH,
     } for m in models])
-    st.dataframe(table, hide_index=True, key="models_table")
+    st.table(table, hide_index=True, border="horizontal")
 else:
     st.info("No models in the artifact volume yet: pull one below.", icon=":material/info:")
 

@@ -36,7 +36,7 @@ def workers_table(workers: list[dict[str, Any]], now: float) -> pd.DataFrame:
         "worker": w.get("worker_id"), "models": ", ".join(w.get("models") or []),
         "device": f"{w.get('device') or '?'} {w.get('dtype') or ''}".strip(), "engine": w.get("engine"),
         "slots used": f"{w.get('running', 0)} / {w.get('max_batch', 0)}", "waiting": w.get("waiting", 0),
-        "KV usage": float(w.get("kv_usage") or 0.0), "last heartbeat": ago(w.get("heartbeat_at"), now),
+        "KV usage": f"{100 * float(w.get('kv_usage') or 0.0):.0f}%", "last heartbeat": ago(w.get("heartbeat_at"), now),
         "up": ago(w.get("started_at"), now).replace(" ago", ""), "state": "draining" if w.get("draining") else "live",
     } for w in sorted(workers, key=lambda w: w.get("worker_id", ""))])
 
@@ -46,7 +46,8 @@ def charts() -> None:
     if not rates:
         st.caption("Collecting samples: the charts start after two scrapes of the gateway's metrics.")
         return
-    df = pd.DataFrame([{"time": pd.Timestamp(r.at, unit="s", tz="UTC"), "model": r.model,
+    # Whole seconds: the chart's time axis then labels seconds, not milliseconds.
+    df = pd.DataFrame([{"time": pd.Timestamp(round(r.at), unit="s", tz="UTC"), "model": r.model,
                         "tokens/s": r.tokens_per_s, "requests/s": r.requests_per_s,
                         "TTFT (s)": r.ttft_mean_s} for r in rates])
     left, right = st.columns(2)
@@ -59,11 +60,12 @@ def charts() -> None:
         if ttft.empty:
             st.caption("No request got its first token in the window yet.")
         else:
-            st.scatter_chart(ttft, x="time", y="TTFT (s)", color="model", height=220)
+            st.line_chart(ttft.pivot_table(index="time", columns="model", values="TTFT (s)", aggfunc="mean"),
+                          height=220)
     p95 = {m: series.History.window_ttft_quantile(history, 0.95, m) for m in sorted(set(df["model"]))}
     summary = ", ".join(f"{m}: {v:.3f} s" for m, v in p95.items() if v is not None)
     window = min(history.window_s, rates[-1].at - history.samples()[0].at)
-    st.caption(f"Window: last {window / 60:.1f} min · TTFT p95 {summary or '-'}")
+    st.caption(f"Window: last {window / 60:.1f} min · TTFT p95 {summary or '—'}")
 
 
 @st.fragment(run_every=REFRESH if auto else None)
@@ -99,17 +101,15 @@ def live() -> None:
 
         st.subheader("Workers")
         if workers:
-            st.dataframe(workers_table(workers, system.get("time") or now), hide_index=True, key="sys_workers",
-                         column_config={"KV usage": st.column_config.ProgressColumn(
-                             "KV usage", min_value=0.0, max_value=1.0, format="percent")})
+            st.table(workers_table(workers, system.get("time") or now), hide_index=True, border="horizontal")
         else:
             st.warning("No live worker: nothing can answer requests.", icon=":material/warning:")
 
         st.subheader("Queues")
         if queues:
-            st.dataframe(pd.DataFrame([{"model": q.get("model"), "waiting": q.get("waiting"),
-                                        "in flight": q.get("in_flight"), "stream length": q.get("length")}
-                                       for q in queues]), hide_index=True, key="sys_queues")
+            st.table(pd.DataFrame([{"model": q.get("model"), "waiting": q.get("waiting"),
+                                   "in flight": q.get("in_flight"), "stream length": q.get("length")}
+                                  for q in queues]), hide_index=True, border="horizontal")
             st.caption(f"A model's queue takes at most {system.get('queue_capacity')} waiting requests; "
                        "past that the gateway answers 429.")
         else:
@@ -124,8 +124,8 @@ def live() -> None:
         d1, d2, d3 = st.columns(3)
         tile(d1, "Disk free", human_bytes(disk.get("free")), f"of {human_bytes(disk.get('total'))}")
         tile(d2, "Models in the volume", status.get("models", 0))
-        tile(d3, "Model jobs", f"{jobs.get('started', 0)} running · {jobs.get('queued', 0)} queued",
-             f"{jobs.get('job_workers', 0)} job workers")
+        tile(d3, "Model jobs running", jobs.get("started", 0),
+             f"{jobs.get('queued', 0)} queued · {jobs.get('job_workers', 0)} job workers")
     st.caption(f"Updated {time.strftime('%H:%M:%S', time.localtime(now))}")
 
 
