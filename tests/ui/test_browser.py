@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import REPO
@@ -76,7 +77,7 @@ def settings(pg: Any, *, temperature_zero: bool, max_tokens: int) -> None:
         pg.get_by_role("slider", name="Temperature").press("Home")
         thumb = pg.get_by_test_id("stSlider").filter(has_text="Temperature").get_by_test_id("stSliderThumbValue")
         thumb.get_by_text("0.00", exact=True).wait_for()
-    box = pg.get_by_label("Max tokens")
+    box = pg.get_by_role("spinbutton", name="Max tokens")
     box.fill(str(max_tokens))
     box.press("Enter")
     pg.wait_for_function("n => document.querySelector('input[aria-label=\"Max tokens\"]').value == n",
@@ -129,15 +130,37 @@ def test_chat_streams_and_stop_cancels(page: Any, ui_stack: UIStack) -> None:
     pg.get_by_role("button", name="Clear conversation").click()
     pg.wait_for_function("() => document.querySelectorAll('[data-testid=stChatMessage]').length == 0")
     if ui_stack.nice_model:
-        pg.get_by_test_id("stSelectbox").filter(has_text="Model").click()
-        pg.get_by_role("option", name=ui_stack.nice_model).click()
-        pg.get_by_test_id("stSelectbox").filter(has_text=ui_stack.nice_model).wait_for()
+        pg.get_by_role("combobox", name="Model").click()
+        pg.get_by_role("option", name=ui_stack.nice_model, exact=True).click()
+        pg.wait_for_function("v => document.querySelector('input[aria-label=\"Model\"]').value == v",
+                             arg=ui_stack.nice_model)
         settings(pg, temperature_zero=False, max_tokens=60)
     else:
         settings(pg, temperature_zero=False, max_tokens=40)
     send(pg, "Good morrow! What news from the court?")
     pg.get_by_test_id("stChatMessage").nth(1).get_by_test_id("stCaptionContainer").wait_for()
     shot(pg, ui_stack, "chat", docs=True)
+
+
+def test_stop_while_waiting_for_the_first_token(page: Any, ui_stack: UIStack) -> None:
+    """Stop works before any token arrives (queued, prefill): here the system's worker is frozen."""
+    ui_stack.wait_idle()
+    pg = page
+    open_page(pg, ui_stack, "", "Chat")
+    worker = next(c for c in psutil.Process(ui_stack.system.proc.pid).children(recursive=True)
+                  if c.cmdline()[-2:] == ["-m", "worker"])
+    before = cancellations(ui_stack)
+    worker.suspend()
+    try:
+        send(pg, "Are you there?")
+        pg.get_by_text("waiting for the first token").wait_for()
+        pg.get_by_role("button", name="Stop").click()
+        eventually(lambda: cancellations(ui_stack) == before + 1, 10, "gateway cancellation")
+    finally:
+        worker.resume()
+    caption = pg.get_by_test_id("stChatMessage").nth(1).get_by_test_id("stCaptionContainer").inner_text()
+    assert "0 tokens" in caption and "stopped" in caption, caption
+    ui_stack.wait_idle()
 
 
 def test_pull_shows_progress_to_100_and_the_model_appears(page: Any, ui_stack: UIStack) -> None:
@@ -153,12 +176,12 @@ def test_pull_shows_progress_to_100_and_the_model_appears(page: Any, ui_stack: U
     deadline = time.monotonic() + 60
     while not done.count():
         assert time.monotonic() < deadline, f"pull did not finish; progress seen: {seen}"
-        for bar in pg.get_by_role("progressbar").all():
-            value = bar.get_attribute("aria-valuenow")
-            if value is not None and (not seen or int(value) != seen[-1]):
-                seen.append(int(value))
-                if 0 < int(value) < 100 and not (ui_stack.shots / "models-pulling.png").exists():
-                    shot(pg, ui_stack, "models-pulling")
+        # The first bar on the page: the job's while it runs, then the 100% one above the refreshed list.
+        values = pg.eval_on_selector_all("[role=progressbar]", "els => els.map(e => e.getAttribute('aria-valuenow'))")
+        if values and values[0] is not None and (not seen or int(values[0]) != seen[-1]):
+            seen.append(int(values[0]))
+            if 0 < seen[-1] < 100 and not (ui_stack.shots / "models-pulling.png").exists():
+                shot(pg, ui_stack, "models-pulling")
         time.sleep(0.1)
     assert seen == sorted(seen), seen
     assert any(0 < v < 100 for v in seen), f"no intermediate progress: {seen}"

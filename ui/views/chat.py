@@ -18,6 +18,7 @@ from ui.common import attempt, clients, reply_caption, show_error
 
 RENDER_INTERVAL = 0.05  # seconds between two redraws of a growing reply
 CURSOR = " ▌"
+MAX_TOKENS = 32768
 
 c = clients()
 ss = st.session_state
@@ -50,9 +51,11 @@ with st.sidebar:
                          format_func=lambda m: m if m in served or not models else f"{m} (not loaded)")
     temperature = st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="chat_temperature")
     top_p = st.slider("Top p", 0.05, 1.0, 1.0, 0.05, key="chat_top_p")
-    limit = int(context.get(model) or 32768)
-    max_tokens = st.number_input("Max tokens", min_value=1, max_value=limit, value=min(256, limit), step=32,
-                                 key="chat_max_tokens")
+    # A fixed range (one widget for every model): a request past the model's context gets the gateway's
+    # readable 400 naming both numbers.
+    max_tokens = st.number_input("Max tokens", min_value=1, max_value=MAX_TOKENS, value=256, step=32,
+                                 key="chat_max_tokens",
+                                 help=f"{model}: context of {context[model]} tokens" if context.get(model) else None)
     system_prompt = st.text_area("System prompt", key="chat_system", placeholder="You are a helpful assistant.")
     if st.button("Clear conversation", icon=":material/delete_sweep:", key="chat_clear"):
         ss.chat_history = []

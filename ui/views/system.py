@@ -11,6 +11,7 @@ import contextlib
 import time
 from typing import Any
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -41,28 +42,34 @@ def workers_table(workers: list[dict[str, Any]], now: float) -> pd.DataFrame:
     } for w in sorted(workers, key=lambda w: w.get("worker_id", ""))])
 
 
+def line_chart(df: pd.DataFrame, y: str) -> alt.Chart:
+    return alt.Chart(df).mark_line().encode(
+        x=alt.X("time:T", title=None, axis=alt.Axis(format="%H:%M:%S")),
+        y=alt.Y(f"{y}:Q", title=y, axis=alt.Axis(format=",.3~f")),
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom")),
+        tooltip=["model", "time:T", alt.Tooltip(f"{y}:Q", format=".3f")]).properties(height=220)
+
+
 def charts() -> None:
     rates = history.rates()
     if not rates:
         st.caption("Collecting samples: the charts start after two scrapes of the gateway's metrics.")
         return
-    # Whole seconds: the chart's time axis then labels seconds, not milliseconds.
-    df = pd.DataFrame([{"time": pd.Timestamp(round(r.at), unit="s", tz="UTC"), "model": r.model,
+    df = pd.DataFrame([{"time": pd.Timestamp(r.at, unit="s", tz="UTC"), "model": r.model,
                         "tokens/s": r.tokens_per_s, "requests/s": r.requests_per_s,
                         "TTFT (s)": r.ttft_mean_s} for r in rates])
     left, right = st.columns(2)
     with left:
         st.markdown("**Throughput** (generated tokens/s)")
-        st.line_chart(df.pivot_table(index="time", columns="model", values="tokens/s", aggfunc="sum"), height=220)
+        st.altair_chart(line_chart(df, "tokens/s"))
     with right:
         st.markdown("**Time to first token** (mean per interval, s)")
         ttft = df.dropna(subset=["TTFT (s)"])
         if ttft.empty:
             st.caption("No request got its first token in the window yet.")
         else:
-            st.line_chart(ttft.pivot_table(index="time", columns="model", values="TTFT (s)", aggfunc="mean"),
-                          height=220)
-    p95 = {m: series.History.window_ttft_quantile(history, 0.95, m) for m in sorted(set(df["model"]))}
+            st.altair_chart(line_chart(ttft, "TTFT (s)"))
+    p95 = {m: history.window_ttft_quantile(0.95, m) for m in sorted(set(df["model"]))}
     summary = ", ".join(f"{m}: {v:.3f} s" for m, v in p95.items() if v is not None)
     window = min(history.window_s, rates[-1].at - history.samples()[0].at)
     st.caption(f"Window: last {window / 60:.1f} min · TTFT p95 {summary or '—'}")
