@@ -20,6 +20,7 @@ import copy
 import functools
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ import pytest
 import yaml
 
 from protocol import keys
-from protocol.settings import REPO_ROOT
+from protocol.settings import REPO_ROOT, GatewaySettings, ManagerSettings, UISettings, WorkerSettings
 from tests.unit.test_env_example import documented_fields, parse_example
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -45,6 +46,9 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 # Settings that must not be shared by every pod (each makes its own) or that are secrets.
 PER_POD = {"GATEWAY_ID", "WORKER_ID"}
 SECRETS = {"API_KEYS", "API_KEY", "ADMIN_API_KEY", "HF_TOKEN"}
+# The settings class each workload's program reads.
+SETTINGS = {"gateway": GatewaySettings, "worker": WorkerSettings, "model-manager": ManagerSettings,
+            "model-manager-jobs": ManagerSettings, "ui": UISettings}
 # Which image is built by which Dockerfile.
 IMAGES = {"spindle-gateway": "gateway/Dockerfile", "spindle-worker": "worker/Dockerfile",
           "spindle-worker-gpu": "worker/Dockerfile.gpu", "spindle-model-manager": "model-manager/Dockerfile",
@@ -335,6 +339,26 @@ def test_containers_get_the_config_and_only_their_secrets(rendered):
             assert not PER_POD & {e["name"] for e in c.get("env", [])}, f"{name}: ids must differ per pod"
 
 
+def settings_of(rendered: Rendered, workload: str, monkeypatch: pytest.MonkeyPatch):
+    """The workload's settings object, read from exactly the environment its pod gets."""
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in rendered.env(workload).items():
+        monkeypatch.setenv(name, "" if value == "<from secret>" else value)
+    return SETTINGS[workload]()
+
+
+@pytest.mark.parametrize("workload", sorted(SETTINGS))
+def test_every_program_reads_its_environment(rendered, workload, monkeypatch):
+    s = settings_of(rendered, workload, monkeypatch)
+    assert str(s.artifacts_dir) == "/artifacts" and s.redis_url == "redis://redis:6379/0"
+    if workload == "gateway":
+        assert s.gateway_host == "0.0.0.0" and s.api_keys == ""
+    if workload == "worker":
+        assert s.worker_metrics_host == "0.0.0.0" and s.worker_metrics_port > 0
+        assert s.device == ("cuda" if rendered.overlay == "gpu" else "cpu")
+
+
 def test_ports_match_the_settings(rendered):
     def port(workload: str, name: str) -> int:
         return next(p["containerPort"] for p in rendered.container(workload)["ports"] if p["name"] == name)
@@ -572,9 +596,9 @@ def test_autoscalers_own_the_replica_counts(rendered):
             f"{name}: a fixed replica count would undo the autoscaler on every kubectl apply"
 
 
-def test_keda_watches_the_stream_the_workers_read(rendered):
-    env = rendered.env("worker")
-    models = [m.strip() for m in env["WORKER_MODELS"].split(",") if m.strip()] or [env["DEFAULT_MODEL"]]
+def test_keda_watches_the_stream_the_workers_read(rendered, monkeypatch):
+    worker = settings_of(rendered, "worker", monkeypatch)
+    models = worker.served_models()
     triggers = rendered.get("ScaledObject", "worker")["spec"]["triggers"]
     redis_svc = rendered.get("Service", "redis")
     address = f"redis.{redis_svc['metadata']['namespace']}.svc.cluster.local:{redis_svc['spec']['ports'][0]['port']}"
@@ -587,7 +611,7 @@ def test_keda_watches_the_stream_the_workers_read(rendered):
     assert any("pendingEntriesCount" in t["metadata"] for t in triggers), "scale on jobs in flight"
     assert any("lagCount" in t["metadata"] for t in triggers), "scale on jobs nobody has taken yet"
     pending = next(int(md["pendingEntriesCount"]) for t in triggers if "pendingEntriesCount" in (md := t["metadata"]))
-    assert pending <= int(env["MAX_BATCH"]), "a replica's target cannot exceed what one worker takes"
+    assert pending <= worker.max_batch, "a replica's target cannot exceed what one worker takes"
 
 
 def test_overlays_fit_their_hardware():
