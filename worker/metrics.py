@@ -1,8 +1,11 @@
 """A worker's Prometheus metrics and trace spans.
 
-Served on ``WORKER_METRICS_PORT`` (when > 0) by prometheus_client's threaded HTTP server, from the
-worker's own registry. Names follow vLLM where vLLM has one, labelled by ``model_name``, so vLLM
-dashboards and autoscalers (KEDA on ``vllm:num_requests_waiting``) work unchanged:
+Served on ``WORKER_METRICS_PORT`` (when > 0) by a small threaded HTTP server, from the worker's own
+registry, always in the Prometheus text format: prometheus_client's own server would answer a
+Prometheus that asks for OpenMetrics with ``vllm_...`` names, their colons escaped.
+
+Names follow vLLM where vLLM has one, labelled by ``model_name``, so vLLM dashboards and autoscalers
+(KEDA on ``vllm:num_requests_waiting``) work unchanged:
 
 - gauges read at scrape time from each engine's ``EngineStats``: ``vllm:num_requests_running``,
   ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (0..1), and the counters
@@ -34,12 +37,15 @@ round trips that sent the first and the last tokens). Nothing is done when traci
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from protocol import tracing
@@ -47,8 +53,6 @@ from protocol.messages import Job
 from worker.engine.api import Engine, EngineOutput, EngineRequest, EngineStats
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from opentelemetry.trace import Span
 
     from worker.service import ActiveJob, Worker
@@ -112,7 +116,7 @@ class WorkerMetrics:
         self.step_seconds = Histogram("spindle_step_seconds", "Duration of one engine step", by_model,
                                       buckets=STEP_BUCKETS, registry=r)
         r.register(EngineCollector(worker))
-        self._server: WSGIServer | None = None
+        self._server: MetricsServer | None = None
         self._series: dict[str, ModelSeries] = {}
 
     def for_model(self, model: str) -> ModelSeries:
@@ -126,10 +130,11 @@ class WorkerMetrics:
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on a thread; returns the port (0 when it could not bind: logged, not fatal)."""
         try:
-            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server = MetricsServer((host, port), self.registry)
         except OSError as e:
             log.error("worker metrics not served: cannot listen on %s:%d (%s)", host, port, e)
             return 0
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         bound = int(self._server.server_port)
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
@@ -157,6 +162,34 @@ class WorkerMetrics:
         for active, output in outputs:
             if active.obs is not None:
                 active.obs.published(output, now, wall, sent_at)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """``GET /metrics``: the registry in the Prometheus text format (version 0.0.4)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+        self.registry = registry
+        super().__init__(address, MetricsHandler)
+
+
+class MetricsHandler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] not in ("/metrics", "/"):
+            self.send_error(404, "only /metrics is served here")
+            return
+        body = generate_latest(self.server.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
+        pass
 
 
 class ModelSeries:

@@ -115,10 +115,20 @@ async def test_queue_depth_counts_jobs_no_worker_has_taken(redis_url, tiny_artif
         await r.aclose()
 
 
-async def test_worker_metrics_endpoint_serves_prometheus_text(redis_url, tiny_artifacts, tmp_path):
+# What Prometheus 2.x and 3.x send when they scrape: OpenMetrics first.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+async def test_metrics_endpoints_keep_vllm_names_for_prometheus(redis_url, tiny_artifacts, tmp_path):
+    """Scraped as Prometheus scrapes, the names keep their colons (``vllm:...``, not ``vllm_...``)."""
     async with observed_stack(redis_url, tiny_artifacts, tmp_path) as stack:
-        reply = await stack.http.get(stack.worker_metrics_url)
-        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+        for url in (stack.worker_metrics_url, stack.gateway.url + "/metrics"):
+            reply = await stack.http.get(url, headers={"Accept": PROMETHEUS_ACCEPT})
+            assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain"), url
+            assert "# TYPE vllm:time_to_first_token_seconds histogram" in reply.text, url
+            assert "vllm_" not in reply.text, url
+        assert (await stack.http.get(stack.worker_metrics_url.replace("/metrics", "/nope"))).status_code == 404
         info = json.loads((await stack.http.get(stack.gateway.url + "/ready")).text)
         assert info["status"] == "ready"
         raw = await aioredis.Redis.from_url(redis_url).get(keys.worker_key(stack.worker.id))
