@@ -269,19 +269,26 @@ def _heal(cluster: Cluster) -> str:
 
 
 def test_healed_worker_rejoins(cluster, undisturbed):
-    """The cable goes back in: the worker that was cut off takes its share of new requests again."""
+    """The cable goes back in: the worker that was cut off takes its share of new requests again.
+
+    It reconnects with backoff (up to 5 s between tries), so a round of requests may finish before it
+    reads the queue again: up to three rounds, each of them exact.
+    """
     victim = _heal(cluster)
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    results, _ = asyncio.run(_run_all(cluster))
     per_worker = dict.fromkeys(cluster.workers, 0)
-    for got, want in zip(results, undisturbed, strict=True):
-        assert got.text == want.text and got.finish_reason == "length", got.request_id
-        events = _event_log(r, got.request_id)
-        _check_log(events, got.request_id)
-        for w in {e.worker_id for e in events}:
-            per_worker[w] += 1
+    for _round in range(3):
+        results, _ = asyncio.run(_run_all(cluster))
+        for got, want in zip(results, undisturbed, strict=True):
+            assert got.text == want.text and got.finish_reason == "length", got.request_id
+            events = _event_log(r, got.request_id)
+            _check_log(events, got.request_id)
+            for w in {e.worker_id for e in events}:
+                per_worker[w] += 1
+        if per_worker[victim]:
+            break
     print(f"after healing, requests per worker: {per_worker}")
-    assert per_worker[victim] > 0, f"the healed worker {victim} took no job"
+    assert per_worker[victim] > 0, f"the healed worker {victim} took no job in three rounds"
 
 
 @pytest.mark.xfail(reason="worker/service.py has no fencing: a worker cut off from Redis never learns that its "
