@@ -28,7 +28,7 @@ def test_dashboard_shape():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for p in PANELS:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         if p["type"] != "row":
             assert p["targets"], f"{p['title']} has no query"
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
