@@ -84,7 +84,8 @@ def ui_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIStack]:
     hub = HubStandin(rate=HUB_RATE).start()
     for repo in (PULL_REPO, PULL_REPO_2):
         hub.add_repo(repo, files=model_files(source), downloads=42)
-    nice = NICE_MODEL if (REPO / "models" / NICE_MODEL / "config.json").is_file() else None
+    bundled = Path(os.environ.get("BUNDLED_MODELS_DIR") or REPO / "models")
+    nice = NICE_MODEL if (bundled / NICE_MODEL / "config.json").is_file() else None
     env = {"DEFAULT_MODEL": MODEL, "WORKER_MODELS": ",".join([MODEL] + ([nice] if nice else [])),
            "MAX_MODELS": "3", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp / "hf-home"), "MIN_FREE_DISK_BYTES": "0",
            "IMPORT_DIR": str(tmp / "imports"), "API_KEYS": f"{API_KEY},{HOG_KEY}", "API_KEY": API_KEY,
