@@ -6,6 +6,8 @@ AppTest runs ``ui/app.py`` in this process; its widgets are set and clicked as a
 
 from __future__ import annotations
 
+import io
+import tarfile
 import threading
 
 import httpx
@@ -171,6 +173,20 @@ def test_import_then_load_and_unload(ui_stack: UIStack) -> None:
     eventually(lambda: not ui_stack.served("tiny-imported"), 60, "tiny-imported unloaded")
     at.run()
     assert models_rows(at)["tiny-imported"]["status"] == "ready"
+
+
+def test_import_a_tarball_upload(ui_stack: UIStack) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(ui_stack.tmp / "imports" / "tiny-src", arcname="tiny-src")
+    at = page("models")
+    at.radio(key="import_source").set_value("Upload a tarball").run()
+    at.text_input(key="import_name").set_value("tiny-uploaded")
+    at.get("file_uploader")[0].upload("tiny-src.tar.gz", buf.getvalue(), "application/gzip")
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not errors(at), errors(at)
+    assert any("tiny-uploaded ready" in s.value for s in at.success)
+    assert models_rows(at)["tiny-uploaded"]["source"].startswith("import:")
 
 
 def test_optimize_shows_the_quality_gate(ui_stack: UIStack) -> None:

@@ -38,6 +38,8 @@ if ss.chat_pending is not None:
     res.ended_at = res.ended_at or time.monotonic()
     ss.chat_history.append({"role": "assistant", "content": res.text, "meta": meta_of(res, "stopped")})
 
+st.title("Chat")
+
 # ------------------------------------------------------------------------------------------ settings
 models = attempt(c.gateway.models) or []
 served = [m["id"] for m in models if m.get("served")]
@@ -60,7 +62,6 @@ with st.sidebar:
     if st.button("Clear conversation", icon=":material/delete_sweep:", key="chat_clear"):
         ss.chat_history = []
 
-st.title("Chat")
 if models and model not in served:
     st.info(f"No worker serves **{model}** right now: load it on the Models page, or pick a served model.",
             icon=":material/info:")
