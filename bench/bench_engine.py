@@ -103,7 +103,10 @@ def spawn(system: str, workload: str, args: argparse.Namespace) -> dict:
         cmd.append("--quick")
     print(f"[bench] {workload:6s} {system:14s} ...", end="", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=args.time_limit * 2 + 600)
     if proc.returncode != 0:
         print(f" FAILED ({proc.returncode})\n{proc.stderr[-3000:]}")
@@ -144,7 +147,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Engine benchmark{' (quick)' if report['quick'] else ''}", "",
              f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}, transformers {env['transformers']}, "
-             f"dtype {env['dtype']}, load average at start {env['loadavg_start']}, at end {env['loadavg_end']}. "
+             f"dtype {env['dtype']}, OMP_WAIT_POLICY={env.get('omp_wait_policy') or 'default'}, "
+             f"load average at start {env['loadavg_start']}, at end {env['loadavg_end']}. "
              "Random weights in the shape of SmolLM2-135M; greedy; EOS ignored.", ""]
     for wl in report["workloads"]:
         lines += [f"## Workload `{wl['name']}`: {wl['requests']} requests, prompts {wl['prompt_len_range']}, "
@@ -237,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory", default="512MiB")
     ap.add_argument("--nice", type=int, default=10, help="niceness of the benchmark processes")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for every system (PASSIVE: OpenMP threads sleep instead of spinning; "
+                         "on a shared 2-core host spinning made float32 GEMMs ~16x slower); '' = inherit")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -258,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     workloads = [w.strip() for w in (args.workloads or "mixed,long,batch1").split(",") if w.strip()]
     env = environment(args.dtype)
     env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    env["omp_wait_policy"] = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY", "")
     results = []
     for wl in workloads:
         for system in wanted:
