@@ -45,7 +45,8 @@ class PagedEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch, max_num_batched_tokens)
         self.sampler = Sampler(self.device, seed)
-        self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len)
+        self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len,
+                                       self.vocab_size)
         self.seqs: dict[str, Sequence] = {}  # live (waiting or running) by request id
         self._lock = threading.Lock()
         self._incoming: deque[EngineRequest] = deque()
@@ -117,13 +118,13 @@ class PagedEngine:
         if batch.items:
             try:
                 logits = self.runner.forward(batch.items, batch.num_decodes)
-            except Exception as exc:  # fail this batch's requests, keep the engine alive
-                log.exception("forward failed")
-                for seq, _ in batch.items:
-                    self._finish(seq)
-                    outputs.append(OutputProcessor.finish(seq, "error", f"engine error: {exc}"))
-            else:
                 self._after_forward(batch.items, logits, outputs)
+            except Exception as exc:  # fail this batch's requests, keep the engine alive
+                log.exception("engine step failed")
+                for seq, _ in batch.items:
+                    if not seq.is_finished:
+                        self._finish(seq)
+                        outputs.append(OutputProcessor.finish(seq, "error", f"engine error: {exc}"))
         s = self._stats
         s.steps += 1
         s.last_batch_size = len(batch.items)

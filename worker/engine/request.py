@@ -105,9 +105,11 @@ def model_max_len(config: Any) -> int:
 class OutputProcessor:
     """Applies stops (EOS, stop ids, stop strings, max_tokens, context end) and builds outputs."""
 
-    def __init__(self, tokenizer: Any, eos_ids: set[int], max_model_len: int) -> None:
+    def __init__(self, tokenizer: Any, eos_ids: set[int], max_model_len: int,
+                 vocab_size: int | None = None) -> None:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
         self.token_text = TokenTextCache(tokenizer)
 
     def check_admissible(self, seq: Sequence) -> str | None:
@@ -117,6 +119,10 @@ class OutputProcessor:
         if seq.num_tokens >= self.max_model_len:
             return (f"prompt of {seq.num_tokens} tokens does not fit the context length "
                     f"{self.max_model_len}")
+        if self.vocab_size is not None:
+            ids = seq.prompt_ids + seq.output_ids
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                return f"token id out of range [0, {self.vocab_size})"
         return None
 
     def already_done(self, seq: Sequence) -> bool:

@@ -32,7 +32,8 @@ class SimpleEngine:
         self.max_model_len = max_model_len or model_max_len(model.config)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.sampler = Sampler(self.device, seed)
-        self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len)
+        self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len,
+                                       self.vocab_size)
         self._lock = threading.Lock()
         self._incoming: deque[EngineRequest] = deque()
         self._cancels: set[str] = set()
