@@ -41,8 +41,9 @@ def start_system(tmp: Path, extra_env: dict[str, str] | None = None, timeout: fl
                 "DRAIN_TIMEOUT": "5", "TORCH_THREADS": "1"})
     env.update(extra_env or {})
     log = tmp / "spindle.log"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--ready-timeout", str(timeout)],
-                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--ready-timeout", str(timeout)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     system = System(proc, f"http://127.0.0.1:{ports['GATEWAY_PORT']}",
                     f"http://127.0.0.1:{ports['MANAGER_PORT']}", f"http://127.0.0.1:{ports['UI_PORT']}",
                     f"redis://127.0.0.1:{ports['EMBEDDED_REDIS_PORT']}/0", log)
