@@ -21,7 +21,7 @@ log = logging.getLogger("worker")
 
 
 async def serve(settings: WorkerSettings) -> None:
-    from worker.engine.loader import load_engine
+    from worker.engine.loader import load_engine, resolve_device, resolve_dtype
 
     store = ArtifactStore(settings.artifacts_dir, settings.bundled_models_dir)
 
@@ -30,8 +30,8 @@ async def serve(settings: WorkerSettings) -> None:
         if model_dir is None:
             raise LookupError(f"model {model!r} is not in {settings.artifacts_dir} nor {settings.bundled_models_dir}")
         engine = load_engine(settings.engine, model_dir, settings.device, settings.dtype, settings)
-        return (engine, str(getattr(engine, "device", "cpu")),
-                str(getattr(engine, "dtype", "")).replace("torch.", ""))
+        device = resolve_device(settings.device)
+        return engine, device, str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
 
     worker = Worker(settings, loader=load)
     for model in settings.served_models():

@@ -73,9 +73,23 @@ def load_model(model_dir: Path | str, device: str = "auto", dtype: str = "auto")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if is_int8_artifact(model_dir):  # the optimizer's int8 weight-only format
+        from optimizer.quant import load_quantized
+
+        return load_quantized(model_dir, torch_dtype, device), tokenizer
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
     model.to(device).eval()
     return model, tokenizer
+
+
+def is_int8_artifact(model_dir: Path | str) -> bool:
+    """True for an artifact written by the optimizer's int8 pass (plain from_pretrained would load garbage)."""
+    import json
+
+    from optimizer.plan import is_quantized_config
+
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and is_quantized_config(json.loads(config.read_text()))
 
 
 def load_engine(kind: str, model_dir: Path | str, device: str = "auto", dtype: str = "auto",
