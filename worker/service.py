@@ -192,10 +192,32 @@ class ModelServer:
             await self.accept(eid, fields, recovered=True)
 
     async def renew_leases(self) -> None:
-        """Reset the idle time of our running jobs so no other worker claims them (no delivery count)."""
+        """Reset the idle time of our running jobs so no other worker claims them (no delivery count).
+
+        Only jobs still pending under our name are renewed: a job another worker took over while we
+        could not reach Redis (a partition) is dropped here, never claimed back.
+        """
+        if not self.jobs:
+            return
+        r, me = self.worker.redis, self.worker.id
+        pending = await r.xpending_range(self.stream, keys.JOBS_GROUP, min="-", max="+",
+                                         count=max(1000, 4 * len(self.jobs)), consumername=me)
+        mine = {p["message_id"].decode() if isinstance(p["message_id"], bytes) else p["message_id"]
+                for p in pending}
+        for active in [a for a in self.jobs.values() if a.entry_id not in mine]:
+            log.warning("job %s was taken over by another worker; dropping it here", active.job.request_id,
+                        extra={"request_id": active.job.request_id})
+            self.drop(active)
         ids = [a.entry_id for a in self.jobs.values()]
         if ids:
-            await self.worker.redis.xclaim(self.stream, keys.JOBS_GROUP, self.worker.id, 0, ids, justid=True)
+            await r.xclaim(self.stream, keys.JOBS_GROUP, me, 0, ids, justid=True)
+
+    def drop(self, active: ActiveJob) -> None:
+        """Forget a job without finishing it: it stays pending in the stream, where its lease runs out
+        and a worker (maybe this one) resumes it from its event log."""
+        if self.jobs.pop(active.job.request_id, None) is not None:
+            self.thread.cancel(active.job.request_id)
+            self.capacity.set()
 
     async def hand_back(self) -> int:
         """Put unfinished jobs back in the stream (with what was delivered) for another worker."""
@@ -356,7 +378,15 @@ class Worker:
             try:
                 await self.publish(server, outs)
             except RedisError as e:
-                log.error("publishing %d outputs failed: %s", len(outs), e)
+                # Nothing of this step reached Redis (MULTI/EXEC). Its jobs' sequence numbers ran
+                # ahead of their event logs, so they are dropped here and resumed from the logs once
+                # their leases run out; their clients see no gap and no duplicate.
+                dropped = {o.request_id for o in outs}
+                log.error("publishing %d outputs failed (%s); %d jobs left for takeover", len(outs), e,
+                          len(dropped))
+                for rid in dropped:
+                    if (active := server.jobs.get(rid)) is not None:
+                        server.drop(active)
 
     async def publish(self, server: ModelServer, outs: list[EngineOutput]) -> None:
         """One round trip: each gateway's events in one PUBLISH, finished jobs acked and deleted."""
