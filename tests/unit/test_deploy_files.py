@@ -464,7 +464,8 @@ def test_jobs_worker_healthcheck_command(redis_url):
     from rq.serializers import JSONSerializer
 
     test = SERVICES["model-manager-jobs"]["healthcheck"]["test"]
-    assert test[0] == "CMD"
+    assert test[:2] == ["CMD", "python"]
+    test = ["CMD", sys.executable, *test[2:]]  # the image's python is the one with the project installed
     env = {**os.environ, "REDIS_URL": redis_url}
     assert run(test[1:], env=env).returncode == 1
     conn = redis.Redis.from_url(redis_url)
