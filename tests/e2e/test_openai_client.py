@@ -60,7 +60,7 @@ def test_chat_non_streaming_usage_matches_tokenizer(client, tokenizer):
     assert choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length")
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict):
+    if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
         prompt_ids = prompt_ids["input_ids"]
     assert r.usage.prompt_tokens == len(prompt_ids)
     if choice.finish_reason == "length":
