@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                          "on a shared 2-core host spinning made float32 GEMMs ~16x slower); '' = inherit")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--resume", action="store_true", help="keep the systems a killed run already finished")
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -266,12 +267,18 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args.dtype)
     env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     env["omp_wait_policy"] = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY", "")
-    results = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("engine-quick" if args.quick else "engine")
+    partial = Path(f"{stem}.partial.json")
+    results = json.loads(partial.read_text()) if args.resume and partial.exists() else []
+    done = {(r["workload"], r["system"]) for r in results if "error" not in r}
+    results = [r for r in results if (r["workload"], r["system"]) in done]
     for wl in workloads:
         for system in wanted:
-            if wl == "batch1" and system not in ("engine", "hf_sequential"):
+            if (wl == "batch1" and system not in ("engine", "hf_sequential")) or (wl, system) in done:
                 continue
             results.append(spawn(system, wl, args))
+            partial.write_text(json.dumps(results))  # a killed run can go on with --resume
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"quick": args.quick, "environment": env, "settings": {
         "max_batch": args.max_batch, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -279,12 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         "workloads": [workload_for(w, args.quick).describe() for w in workloads if w != "batch1"],
         "results": results}
     report["ratios"] = ratios(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("engine-quick" if args.quick else "engine")
     Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
     Path(f"{stem}.md").write_text(markdown(report))
     plot(report, Path(f"{stem}.png"))
     print(markdown(report))
+    partial.unlink(missing_ok=True)
     print(f"[bench] wrote {stem}.json, .md, .png")
 
 
