@@ -41,8 +41,15 @@ def two_worker_system(tmp_path_factory, drill_artifacts) -> Iterator[System]:
 
 
 def worker_processes(system: System) -> list[psutil.Process]:
-    procs = psutil.Process(system.proc.pid).children(recursive=True)
-    return [p for p in procs if p.cmdline()[-2:] == ["-m", "worker"]]
+    """The live worker processes (a killed one may linger as a zombie until the launcher reaps it)."""
+    out = []
+    for p in psutil.Process(system.proc.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.cmdline()[-2:] == ["-m", "worker"]:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
 
 
 def wait_workers(system: System, n: int, timeout: float = 120) -> None:
