@@ -141,6 +141,7 @@ def _estimate_bytes(src_manifest: Manifest, pass_name: str) -> int:
 
 
 def _check_space(root: Path, need: int, reserve: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)  # a fresh volume (the first optimize of a bundled model)
     free = shutil.disk_usage(root).free
     if free - need < reserve:
         raise OptimizeError(f"not enough disk space on {root}: need {need} bytes plus a reserve of "
