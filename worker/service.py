@@ -363,7 +363,8 @@ class Worker:
         tasks = [*self._tasks, *self._control_tasks, *(s.consumer for s in self.servers.values() if s.consumer)]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a task stuck in a Redis call must not hold up the shutdown.
+        await asyncio.wait(tasks, timeout=5) if tasks else None
         for s in self.servers.values():
             s.thread.stop()
         await asyncio.to_thread(self.metrics.close)  # joins the HTTP server's thread
@@ -505,7 +506,7 @@ class Worker:
                 await asyncio.sleep(backoff.next())
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), 2)
 
     async def _cancel_listener(self) -> None:
         def handle(data: bytes) -> None:

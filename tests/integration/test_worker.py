@@ -41,7 +41,10 @@ async def collect(pubsub, request_ids: set[str], timeout: float = 60) -> dict[st
     deadline = time.monotonic() + timeout
     while done != request_ids:
         assert time.monotonic() < deadline, f"timed out; finished {done} of {request_ids}"
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        try:
+            msg = await asyncio.wait_for(pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0), 5)
+        except TimeoutError:
+            msg = None
         if not msg:
             continue
         for ev in EventBatch.decode(msg["data"]).events:
