@@ -74,6 +74,10 @@ class TrainConfig:
     rope_theta: float = 10000.0
     chat_every: int = 8  # one chat example per this many consecutive speech pairs
     seq_len: int = 256
+    # The last long_fraction of the steps use windows of long_seq_len (same tokens per step), so
+    # positions past seq_len are trained too and long prompts do not fall off a cliff.
+    long_seq_len: int = 1024
+    long_fraction: float = 0.2
     batch_size: int = 16
     steps: int = 500
     lr: float = 3e-3
@@ -304,6 +308,8 @@ def train(cfg: TrainConfig, train_ids, val_ids, model, minutes: float | None) ->
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     batches = Batches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
+    long_batches = Batches(train_ids, cfg.long_seq_len,
+                           max(1, cfg.batch_size * cfg.seq_len // cfg.long_seq_len), cfg.seed + 2)
     total = cfg.steps
     deadline = time.monotonic() + minutes * 60 if minutes else None
     start = time.monotonic()
@@ -322,7 +328,8 @@ def train(cfg: TrainConfig, train_ids, val_ids, model, minutes: float | None) ->
         lr = lr_at(step, cfg, total or 10**9)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = lm_loss(model, batches.next())
+        long_phase = total > 0 and step >= total - int(cfg.long_fraction * total)
+        loss = lm_loss(model, (long_batches if long_phase else batches).next())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -332,14 +339,15 @@ def train(cfg: TrainConfig, train_ids, val_ids, model, minutes: float | None) ->
         if step % 10 == 0 or step == total:
             el = time.monotonic() - start
             tps = step * cfg.batch_size * cfg.seq_len / el
-            print(f"step {step:5d}/{total} lr {lr:.2e} train_loss {ema:.3f} epoch {batches.epoch} "
+            print(f"step {step:5d}/{total} lr {lr:.2e} train_loss {ema:.3f} "
+                  f"seq {cfg.long_seq_len if long_phase else cfg.seq_len} "
                   f"{el:6.0f}s {tps:5.0f} tok/s", flush=True)
         if step % eval_every == 0 or step == total:
             v = eval_loss(model, val_ids, cfg.seq_len, max_windows=48)
             history.append((step, round(v, 4)))
             print(f"step {step:5d} val_loss {v:.3f} (ppl {math.exp(v):.1f}, 48 windows)", flush=True)
     return {"steps": step, "seconds": time.monotonic() - start, "train_loss": ema,
-            "tokens": step * cfg.batch_size * cfg.seq_len, "epochs": batches.epoch, "history": history}
+            "tokens": step * cfg.batch_size * cfg.seq_len, "history": history}
 
 
 # ----------------------------------------------------------------------------------------- artifact
@@ -369,6 +377,9 @@ def write_artifact(out: Path, model, tokenizer, heldout: str, train_words: set[s
         quality = quality_fn(saved)
         write_manifest(tmp, NAME, source="bundled:scripts/train_tiny_shakespeare.py", revision=revision,
                        quality=quality, extra=extra)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; workers may run as another user
+        for p in tmp.iterdir():
+            p.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -459,7 +470,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def quality(saved) -> dict[str, float]:
         v = eval_loss(saved, val_ids, cfg.seq_len)
+        v_long = eval_loss(saved, val_ids, cfg.long_seq_len, batch_size=4)
         return {"val_loss": round(v, 4), "val_ppl": round(math.exp(v), 2),
+                f"val_loss_{cfg.long_seq_len}": round(v_long, 4),
                 "heldout_ppl": round(text_perplexity(saved, tokenizer, heldout, cfg.seq_len), 2)}
 
     extra = {"train_steps": str(result["steps"]), "train_tokens": str(result["tokens"]),
