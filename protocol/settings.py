@@ -93,6 +93,9 @@ class WorkerSettings(CommonSettings):
     # Address the metrics server listens on (0.0.0.0 in containers, so Prometheus can scrape it).
     worker_metrics_host: str = "127.0.0.1"
     torch_threads: int = 0  # 0 = torch's default
+    # Paged engine, float32 on the CPU: pre-pack linear weights for oneDNN (1.1-1.75x faster matmuls;
+    # the LM head of a tied-embedding model gets its own packed copy). See worker/engine/cpu_linear.py.
+    cpu_packed_weights: bool = True
 
     def served_models(self) -> list[str]:
         names = [m.strip() for m in self.worker_models.split(",") if m.strip()]

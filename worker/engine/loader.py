@@ -133,6 +133,7 @@ def load_engine(kind: str, model_dir: Path | str, device: str = "auto", dtype: s
                 max_num_batched_tokens=int(_get(settings, "max_num_batched_tokens", 512)),
                 kv_cache_memory=parse_bytes(_get(settings, "kv_cache_memory", "512MiB")),
                 block_size=int(_get(settings, "kv_block_size", 16)),
+                pack_weights=bool(_get(settings, "cpu_packed_weights", True)),
             )
     from worker.engine.simple_engine import SimpleEngine
 

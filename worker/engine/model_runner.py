@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.engine.cpu_linear import maybe_pack
 from worker.engine.request import Sequence
 
 ATTN_NAME = "spindle_paged"
@@ -159,9 +160,10 @@ def kv_bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
 class ModelRunner:
     """Owns the model and the KV block pool; ``forward`` runs one scheduled batch."""
 
-    def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Any, num_blocks: int, block_size: int, pack_weights: bool = True) -> None:
         register_attention()
         self.model = model.eval()
+        self.packed_weights = maybe_pack(model, pack_weights)
         self.model.set_attn_implementation(ATTN_NAME)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

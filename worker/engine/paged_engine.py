@@ -19,7 +19,14 @@ import torch
 from worker.engine.api import EngineOutput, EngineRequest, EngineStats
 from worker.engine.block_manager import BlockManager
 from worker.engine.model_runner import ModelRunner, kv_bytes_per_block
-from worker.engine.request import OutputProcessor, RequestStatus, Sequence, eos_token_ids, model_max_len
+from worker.engine.request import (
+    OutputProcessor,
+    RequestStatus,
+    Sequence,
+    eos_token_ids,
+    model_max_len,
+    output_vocab_size,
+)
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import Scheduler
 
@@ -30,7 +37,7 @@ class PagedEngine:
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 32, max_num_batched_tokens: int = 512,
                  kv_cache_memory: int = 512 * 1024**2, block_size: int = 16, num_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, pack_weights: bool = True) -> None:
         dtype = next(model.parameters()).dtype
         if num_blocks is None:
             num_blocks = kv_cache_memory // kv_bytes_per_block(model.config, block_size, dtype)
@@ -39,9 +46,9 @@ class PagedEngine:
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or model_max_len(model.config),
                                  model_max_len(model.config), num_blocks * block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.vocab_size = output_vocab_size(model)
+        self.runner = ModelRunner(model, num_blocks, block_size, pack_weights)
         self.device = self.runner.device
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch, max_num_batched_tokens)
         self.sampler = Sampler(self.device, seed)

@@ -102,6 +102,13 @@ def model_max_len(config: Any) -> int:
     return 2048
 
 
+def output_vocab_size(model: Any) -> int:
+    """Rows of the LM head (the logits' width), also once its weight has been packed."""
+    head = model.get_output_embeddings()
+    rows = getattr(head, "out_features", None)
+    return int(rows) if rows is not None else int(head.weight.shape[0])
+
+
 class OutputProcessor:
     """Applies stops (EOS, stop ids, stop strings, max_tokens, context end) and builds outputs."""
 

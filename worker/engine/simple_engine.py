@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from worker.engine.api import EngineOutput, EngineRequest, EngineStats
-from worker.engine.request import OutputProcessor, RequestStatus, Sequence, eos_token_ids, model_max_len
+from worker.engine.request import (
+    OutputProcessor,
+    RequestStatus,
+    Sequence,
+    eos_token_ids,
+    model_max_len,
+    output_vocab_size,
+)
 from worker.engine.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -30,7 +37,7 @@ class SimpleEngine:
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
         self.max_model_len = max_model_len or model_max_len(model.config)
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = output_vocab_size(model)
         self.sampler = Sampler(self.device, seed)
         self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len,
                                        self.vocab_size)
