@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,17 +37,14 @@ from pathlib import Path
 
 import httpx
 import psutil
-import redis
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.redis_server import RedisProcess, free_port  # noqa: E402
-from protocol import keys  # noqa: E402
+from bench.fleet import NICE, Fleet  # noqa: E402
 
 MODEL = "bench-echo"
 ECHO_STEP_S = 0.002  # worker/engine/echo_engine.py's default step delay
-NICE = 10
 
 
 @dataclass
@@ -71,95 +67,6 @@ class Cell:
     cores_busy: float = 0.0  # CPU-seconds of our processes / wall seconds
     busiest: dict[str, float] = field(default_factory=dict)  # per component: the busiest process's cores
     machine_busy: float = 0.0  # the whole machine (ours and everyone else's), 0..1
-
-
-# -- processes -------------------------------------------------------------------------------------
-
-class Fleet:
-    """Redis, the gateways and the workers, started niced with their logs in a temporary folder."""
-
-    def __init__(self, root: Path):
-        from tests.tiny_models import make_tiny_model
-
-        self.root = root
-        self.artifacts = root / "artifacts"
-        make_tiny_model(self.artifacts, MODEL, "llama", max_position_embeddings=4096)
-        self.redis = RedisProcess(root / "redis").start()
-        self.redis_proc = psutil.Process(self.redis.proc.pid)
-        self.gateways: list[tuple[str, subprocess.Popen]] = []
-        self.workers: list[subprocess.Popen] = []
-        self.client = redis.Redis.from_url(self.redis.url)
-
-    def _env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in {"API_KEYS", "WORKER_MODELS", "WORKER_ID"}}
-        env.update({"REDIS_URL": self.redis.url, "ARTIFACTS_DIR": str(self.artifacts), "DEFAULT_MODEL": MODEL,
-                    "LOG_FORMAT": "text", "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}, **extra)
-        return env
-
-    def _start(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen:
-        with (self.root / f"{name}.log").open("w") as log:
-            return subprocess.Popen(["nice", "-n", str(NICE), sys.executable, "-m", module], cwd=REPO, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def scale_workers(self, n: int, timeout: float = 180) -> None:
-        while len(self.workers) < n:
-            i = len(self.workers)
-            self.workers.append(self._start(f"worker{i}", "worker", self._env(
-                WORKER_ID=f"wk-bench-{i}", ENGINE="echo", TORCH_THREADS="1", WORKER_METRICS_PORT="0")))
-        deadline = time.monotonic() + timeout
-        while len(list(self.client.scan_iter(keys.WORKER_KEY_PATTERN))) < n:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} workers after {timeout}s (logs in {self.root})")
-            time.sleep(0.2)
-
-    def scale_gateways(self, n: int, timeout: float = 180) -> None:
-        while len(self.gateways) < n:
-            port = free_port()
-            proc = self._start(f"gateway{len(self.gateways)}", "gateway", self._env(
-                GATEWAY_PORT=str(port), QUEUE_CAPACITY="4096", QUEUE_METRICS_INTERVAL="0"))
-            self.gateways.append((f"http://127.0.0.1:{port}", proc))
-        deadline = time.monotonic() + timeout
-        for url, _ in self.gateways:
-            while True:
-                self._check_alive()
-                try:
-                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"gateway {url} not ready after {timeout}s (logs in {self.root})")
-                time.sleep(0.2)
-
-    def _check_alive(self) -> None:
-        for proc in [p for _, p in self.gateways] + self.workers:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode} (logs in {self.root})")
-
-    def cpu_seconds(self) -> dict[tuple[str, int], float]:
-        """CPU-seconds used so far by each of our processes, keyed (component, pid)."""
-        def cpu(pid: int) -> float:
-            t = psutil.Process(pid).cpu_times()
-            return t.user + t.system
-
-        out = {("gateways", p.pid): cpu(p.pid) for _, p in self.gateways}
-        out.update({("workers", p.pid): cpu(p.pid) for p in self.workers})
-        out[("redis", self.redis_proc.pid)] = cpu(self.redis_proc.pid)
-        out[("load generator", os.getpid())] = cpu(os.getpid())
-        return out
-
-    def close(self) -> None:
-        procs = [p for _, p in self.gateways] + self.workers
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self.redis.stop()
 
 
 # -- load ------------------------------------------------------------------------------------------
@@ -417,7 +324,10 @@ def main() -> None:
     result["engine_batch"] = batch
     result["engine_alone_tokens_per_s"] = engine_alone(batch, args.max_tokens)
     root = Path(tempfile.mkdtemp(prefix="spindle-bench-"))
-    fleet = Fleet(root)
+    from tests.tiny_models import make_tiny_model
+
+    make_tiny_model(root / "artifacts", MODEL, "llama", max_position_embeddings=4096)
+    fleet = Fleet(root, root / "artifacts", MODEL, worker_env={"ENGINE": "echo", "TORCH_THREADS": "1"})
     try:
         fleet.scale_workers(1)
         fleet.scale_gateways(max(gateways))

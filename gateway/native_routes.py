@@ -131,9 +131,12 @@ def llama_final(gen: Generation, body: LlamaCompletionRequest, content: str, pro
 async def _llama_stream(gen: Generation, body: LlamaCompletionRequest, prompt_text: str) -> AsyncIterator[str]:
     try:
         try:
+            held: list[int] = []  # tokens whose text the detokenizer still holds back (partial UTF-8)
             async for ev in gen.events():
+                held += ev.token_ids
                 if ev.text:
-                    yield sse.data({"content": ev.text, "stop": False, "id_slot": 0, "tokens": ev.token_ids})
+                    yield sse.data({"content": ev.text, "stop": False, "id_slot": 0, "tokens": held})
+                    held = []
             yield sse.data(llama_final(gen, body, "", prompt_text))
         except APIError as e:
             yield sse.data(e.body())
