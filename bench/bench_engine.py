@@ -31,9 +31,11 @@ SYSTEMS = {
     "hf_static": "HF generate, static batches of 32",
     "hf_cb": "transformers continuous batching",
     "engine": "spindle paged engine (in-process)",
+    "http": "spindle over HTTP (gateway + Redis + worker)",
 }
 BASELINES = {"hf_static": 2.0, "hf_cb": 3.0, "hf_sequential": 10.0}  # target ratios engine / baseline
 BATCH1_TARGET = 1.5
+HTTP_TARGET = 0.9  # the system over HTTP against the engine in-process
 
 
 def workload_for(name: str, quick: bool):
@@ -72,7 +74,14 @@ def run_one(args: argparse.Namespace) -> None:
             result["batch1_tok_s"] = round(systems.batch1_hf(systems.load_hf(args.model_dir, dtype)), 2)
     else:
         wl = workload_for(args.workload, args.quick)
-        if args.run_one == "engine":
+        if args.run_one == "http":
+            worker_env = {"ENGINE": "paged", "DEVICE": "cpu", "DTYPE": args.dtype, "MAX_BATCH": str(args.max_batch),
+                          "MAX_NUM_BATCHED_TOKENS": str(args.max_num_batched_tokens),
+                          "KV_CACHE_MEMORY": args.kv_cache_memory}
+            timings, start, end, fleet_rss = systems.run_http(args.model_dir, wl, args.time_limit, worker_env)
+            result["fleet_peak_rss_mb"] = round(fleet_rss / 1024**2, 1)
+            runner = None
+        elif args.run_one == "engine":
             target = load_engine("paged", args.model_dir, "cpu", args.dtype, settings)
             runner = systems.run_engine
         else:
@@ -82,13 +91,16 @@ def run_one(args: argparse.Namespace) -> None:
                           systems.run_hf_continuous, kv_bytes=parse_bytes(args.kv_cache_memory),
                           max_batch=args.max_batch, max_batch_tokens=args.max_num_batched_tokens),
                       }[args.run_one]
-        timings, start, end = runner(target, wl, args.time_limit)
+        if runner is not None:
+            timings, start, end = runner(target, wl, args.time_limit)
         summary = summarize(timings, start, end, len(wl.requests),
                             long_threshold=512 if args.quick else 1024)
         expected = sum(r.max_tokens for r in wl.requests)
         summary["truncated"] = summary["output_tokens"] < expected
         result["summary"] = summary
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # The process's own peak; for "http" the serving processes' (the client's own is not serving).
+    result["peak_rss_mb"] = result.pop("fleet_peak_rss_mb", None) or round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -135,6 +147,11 @@ def ratios(results: list[dict]) -> dict:
             if b and b["summary"]["output_tok_s"]:
                 r = e / b["summary"]["output_tok_s"]
                 out[f"{wl}: engine / {base}"] = {"ratio": round(r, 2), "target": target, "met": r >= target}
+        h = by.get((wl, "http"))
+        if h and e:
+            r = h["summary"]["output_tok_s"] / e
+            out[f"{wl}: HTTP system / engine in-process"] = {"ratio": round(r, 2), "target": HTTP_TARGET,
+                                                             "met": r >= HTTP_TARGET}
     e1, h1 = by.get(("batch1", "engine")), by.get(("batch1", "hf_sequential"))
     if e1 and h1:
         r = e1["batch1_tok_s"] / h1["batch1_tok_s"]
@@ -149,7 +166,8 @@ def markdown(report: dict) -> str:
              f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}, transformers {env['transformers']}, "
              f"dtype {env['dtype']}, OMP_WAIT_POLICY={env.get('omp_wait_policy') or 'default'}, "
              f"load average at start {env['loadavg_start']}, at end {env['loadavg_end']}. "
-             "Random weights in the shape of SmolLM2-135M; greedy; EOS ignored.", ""]
+             "Random weights in the shape of SmolLM2-135M; greedy; EOS ignored. Peak RSS is each system's "
+             "process; for the HTTP system it is gateway + worker + Redis together.", ""]
     for wl in report["workloads"]:
         lines += [f"## Workload `{wl['name']}`: {wl['requests']} requests, prompts {wl['prompt_len_range']}, "
                   f"outputs {wl['output_len_range']}, arrivals over {wl['last_arrival_s']} s", "",

@@ -48,10 +48,13 @@ def make_model(dtype: str = "bfloat16", seed: int = 0) -> Any:
 
 
 def make_artifact(root: Path, name: str = "smollm2-135m-random", dtype: str = "bfloat16") -> Path:
+    from protocol.artifacts import MANIFEST, write_manifest
+
     out = Path(root) / name
-    if (out / "config.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    make_model(dtype).save_pretrained(out, safe_serialization=True)
-    make_tokenizer().save_pretrained(out)
+    if not (out / "config.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        make_model(dtype).save_pretrained(out, safe_serialization=True)
+        make_tokenizer().save_pretrained(out)
+    if not (out / MANIFEST).exists():  # the worker serves artifacts only (bench over HTTP)
+        write_manifest(out, name, source="bench:random")
     return out

@@ -234,3 +234,85 @@ def batch1_engine(engine: Any, prompt_len: int = 32, new_tokens: int = 128) -> f
     run("warm", 8)
     times = run("b1", new_tokens)
     return (len(times) - 1) / (times[-1] - times[0])
+
+
+def run_http(model_dir: str, wl: Workload, deadline_s: float, worker_env: dict[str, str]
+             ) -> tuple[list[RequestTiming], float, float, int]:
+    """5. The whole system over HTTP: redis-server, one gateway and one worker (the paged engine) as
+    local processes; one streaming client per request, sent at its arrival time.
+
+    The clients use the llama.cpp-compatible ``POST /completion`` stream because its chunks carry the
+    token ids they deliver, so every token is timed when the client receives it (an OpenAI chunk
+    says nothing of tokens whose text the detokenizer held back). Also returns the fleet's peak RSS
+    (gateway + worker + Redis, sampled every 0.2 s), which is what serving costs in memory.
+    """
+    import asyncio
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+
+    from bench.fleet import Fleet
+
+    model = Path(model_dir)
+    root = Path(tempfile.mkdtemp(prefix="spindle-bench-http-"))
+    fleet = Fleet(root, model.parent, model.name, worker_env=worker_env,
+                  gateway_env={"REQUEST_TIMEOUT": str(deadline_s + 120), "EVENT_TIMEOUT": "600"})
+    peak_rss = 0
+
+    async def one(client: httpx.AsyncClient, url: str, r: BenchRequest, t: RequestTiming | None) -> None:
+        body = {"prompt": r.prompt, "n_predict": r.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", url + "/completion", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"{r.rid}: HTTP {resp.status_code} {(await resp.aread())[:300]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if t is not None and chunk.get("tokens"):
+                    t.token_times.extend([time.perf_counter()] * len(chunk["tokens"]))
+                if "error" in chunk:
+                    raise RuntimeError(f"{r.rid}: {chunk['error']}")
+
+    async def drive() -> tuple[dict[str, RequestTiming], float, float]:
+        nonlocal peak_rss
+        url = fleet.gateways[0][0]
+        limits = httpx.Limits(max_connections=len(wl.requests) + 8)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(deadline_s + 300, connect=30), limits=limits) as client:
+            await one(client, url, BenchRequest("warmup", 0.0, [1, 2, 3, 4], 4), None)
+            start = time.perf_counter()
+            deadline = start + deadline_s
+            timings = _new_timings(wl, start)
+
+            async def scheduled(r: BenchRequest) -> None:
+                await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+                if time.perf_counter() < deadline:
+                    await one(client, url, r, timings[r.rid])
+
+            async def sample_rss() -> None:
+                nonlocal peak_rss
+                while True:
+                    peak_rss = max(peak_rss, fleet.rss_bytes())
+                    await asyncio.sleep(0.2)
+
+            sampler = asyncio.create_task(sample_rss())
+            tasks = [asyncio.create_task(scheduled(r)) for r in wl.requests]
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+            end = time.perf_counter()
+            for task in tasks:
+                task.cancel()  # a client hanging up cancels its job
+            await asyncio.gather(*tasks, return_exceptions=True)
+            sampler.cancel()
+            failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()]
+            if failed:
+                raise failed[0]
+            return timings, start, end
+
+    try:
+        fleet.scale_workers(1, timeout=600)
+        fleet.scale_gateways(1)
+        timings, start, end = asyncio.run(drive())
+    finally:
+        fleet.close()
+    return list(timings.values()), start, end, peak_rss
