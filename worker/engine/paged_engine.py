@@ -9,14 +9,13 @@ turn their tokens into outputs (stops, detokenization). Requests join and leave 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from typing import Any
 
 import torch
 
-from worker.engine.api import EngineOutput, EngineRequest, EngineStats
+from worker.engine.api import EngineOutput, EngineStats
+from worker.engine.base import EngineBase
 from worker.engine.block_manager import BlockManager
 from worker.engine.model_runner import ModelRunner, kv_bytes_per_block
 from worker.engine.request import (
@@ -33,7 +32,7 @@ from worker.engine.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
-class PagedEngine:
+class PagedEngine(EngineBase):
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 32, max_num_batched_tokens: int = 512,
                  kv_cache_memory: int = 512 * 1024**2, block_size: int = 16, num_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
@@ -43,76 +42,46 @@ class PagedEngine:
             num_blocks = kv_cache_memory // kv_bytes_per_block(model.config, block_size, dtype)
         if num_blocks < 2:
             raise ValueError(f"KV cache memory {kv_cache_memory} bytes holds fewer than 2 blocks")
-        self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or model_max_len(model.config),
                                  model_max_len(model.config), num_blocks * block_size)
-        self.vocab_size = output_vocab_size(model)
+        vocab_size = output_vocab_size(model)
+        outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len, vocab_size)
         self.runner = ModelRunner(model, num_blocks, block_size, pack_weights)
-        self.device = self.runner.device
+        super().__init__(tokenizer, outputs, vocab_size, self.runner.device, EngineStats(kv_blocks_total=num_blocks))
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch, max_num_batched_tokens)
         self.sampler = Sampler(self.device, seed)
-        self.outputs = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer), self.max_model_len,
-                                       self.vocab_size)
         self.seqs: dict[str, Sequence] = {}  # live (waiting or running) by request id
-        self._lock = threading.Lock()
-        self._incoming: deque[EngineRequest] = deque()
-        self._cancels: set[str] = set()
-        self._stats = EngineStats(kv_blocks_total=num_blocks)
-
-    # -- thread-safe intake ------------------------------------------------------------------------
-
-    def add_request(self, request: EngineRequest) -> None:
-        with self._lock:
-            self._incoming.append(request)
-
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._cancels.add(request_id)
-
-    def has_work(self) -> bool:
-        with self._lock:
-            pending = bool(self._incoming or self._cancels)
-        return pending or self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
         s = self._stats
         s.running = len(self.scheduler.running)
-        s.waiting = len(self.scheduler.waiting) + len(self._incoming)
+        s.waiting = len(self.scheduler.waiting) + self._num_incoming()
         s.kv_blocks_used = self.block_manager.num_used
         s.prefix_cache_queries = self.block_manager.prefix_queries
         s.prefix_cache_hits = self.block_manager.prefix_hits
         s.preemptions = self.scheduler.num_preemptions
         return s
 
+    # -- intake (see EngineBase) -------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _is_live(self, request_id: str) -> bool:
+        return request_id in self.seqs
+
+    def _admit(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _remove(self, request_id: str) -> Sequence | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)  # frees its blocks now
+        return seq
+
     # -- the step ----------------------------------------------------------------------------------
-
-    def _intake(self, outputs: list[EngineOutput]) -> None:
-        with self._lock:
-            incoming, self._incoming = self._incoming, deque()
-            cancels, self._cancels = self._cancels, set()
-        for req in incoming:
-            if req.request_id in self.seqs:
-                log.warning("duplicate request id %s ignored", req.request_id)
-                continue
-            seq = Sequence(req, self.tokenizer, self.vocab_size, self.device)
-            error = self.outputs.check_admissible(seq)
-            if error:
-                outputs.append(OutputProcessor.finish(seq, "error", error))
-            elif self.outputs.already_done(seq):
-                outputs.append(OutputProcessor.finish(seq, "length"))
-            else:
-                self.seqs[seq.request_id] = seq
-                self.scheduler.add(seq)
-        for rid in cancels:
-            seq = self.seqs.pop(rid, None)
-            if seq is not None:
-                self.scheduler.remove(seq)  # frees its blocks now
-                outputs.append(OutputProcessor.finish(seq, "cancelled"))
-
-    def _finish(self, seq: Sequence) -> None:
-        self.scheduler.remove(seq)
-        self.seqs.pop(seq.request_id, None)
 
     def step(self) -> list[EngineOutput]:
         start = time.perf_counter()
@@ -130,12 +99,9 @@ class PagedEngine:
                 log.exception("engine step failed")
                 for seq, _ in batch.items:
                     if not seq.is_finished:
-                        self._finish(seq)
+                        self._remove(seq.request_id)
                         outputs.append(OutputProcessor.finish(seq, "error", f"engine error: {exc}"))
-        s = self._stats
-        s.steps += 1
-        s.last_batch_size = len(batch.items)
-        s.last_step_seconds = time.perf_counter() - start
+        self._record_step(start, len(batch.items))
         return outputs
 
     def _after_forward(self, items: list[tuple[Sequence, int]], logits: torch.Tensor,
@@ -153,7 +119,7 @@ class PagedEngine:
         for seq, smp in zip(sampling, sampled, strict=True):
             outputs.append(self.outputs.append(seq, smp, now))
             if seq.is_finished:
-                self._finish(seq)
+                self._remove(seq.request_id)
 
     def check_invariants(self) -> None:
         """For tests: block accounting matches the live sequences."""
