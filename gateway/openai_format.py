@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from typing import Any
 
 from gateway.generation import Outcome
 from protocol.messages import TokenLogprob
 
-MIN_LOGPROB = -9999.0  # -inf is not JSON
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _lp(x: float) -> float:
-    return MIN_LOGPROB if math.isnan(x) or x < MIN_LOGPROB else x
 
 
 def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
     if items is None:
         return None
     return {"content": [
-        {"token": t.token, "logprob": _lp(t.logprob), "bytes": list(t.token.encode("utf-8")),
-         "top_logprobs": [{"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
+        {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8")),
+         "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
                           for _id, s, lp in t.top]}
         for t in items]}
 
@@ -37,8 +30,8 @@ def completion_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> di
     for t in items:
         offsets.append(offset)
         offset += len(t.token)
-    return {"tokens": [t.token for t in items], "token_logprobs": [_lp(t.logprob) for t in items],
-            "top_logprobs": [{s: _lp(lp) for _id, s, lp in t.top} for t in items], "text_offset": offsets}
+    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{s: lp for _id, s, lp in t.top} for t in items], "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -9,15 +9,27 @@ after a takeover and notices gaps.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from protocol import PROTOCOL_VERSION
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "timeout"]
+
+# -inf (a token the sampler filtered out) and NaN are not JSON: logprobs are floored here, once, for
+# every producer, so an EventBatch always survives its own encode/decode (OpenAI also floors at -9999).
+MIN_LOGPROB = -9999.0
+
+
+def _finite_logprob(x: float) -> float:
+    return MIN_LOGPROB if math.isnan(x) or x < MIN_LOGPROB else x
+
+
+Logprob = Annotated[float, AfterValidator(_finite_logprob)]
 
 
 class SamplingParams(BaseModel):
@@ -70,8 +82,8 @@ class Job(BaseModel):
 class TokenLogprob(BaseModel):
     token_id: int
     token: str
-    logprob: float
-    top: list[tuple[int, str, float]] = Field(default_factory=list)
+    logprob: Logprob
+    top: list[tuple[int, str, Logprob]] = Field(default_factory=list)
 
 
 class TokenEvent(BaseModel):

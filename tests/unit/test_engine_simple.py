@@ -77,6 +77,8 @@ def test_simple_stop_string_and_seeded_sampling(llama) -> None:
     assert stop
     got = run_to_completion(engine, [EngineRequest("b", prompt, greedy(16, stop=[stop], ignore_eos=True))])["b"]
     assert got.finish_reason == "stop" and got.text == free.text[: free.text.index(stop)]
+    assert got.outputs[-1].stop_reason == stop  # which stop string ended it
+    assert all(o.stop_reason is None for o in free.outputs)
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
     one = run_to_completion(engine, [EngineRequest("x", prompt, params)])["x"].tokens
     both = run_to_completion(engine, [EngineRequest("y", prompt, params),

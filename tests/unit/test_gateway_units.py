@@ -230,3 +230,13 @@ def test_tokenizer_cache_matches_transformers(tiny_artifacts):
     assert tok.encode_prompt("To be") == ref("To be")["input_ids"]
     assert tok.context_length == 512 and tok.vocab_size == len(ref)
     assert fallback_chat_prompt(messages).endswith("user: To be, or not\nassistant:")
+
+
+def test_minus_infinite_and_nan_logprobs_survive_the_wire() -> None:
+    """A filtered-out alternative has logprob -inf; JSON has no -inf, so the message floors it and the
+    batch decodes on the gateway side (it used to arrive as null and fail validation)."""
+    lp = TokenLogprob(token_id=1, token="a", logprob=float("-inf"), top=[(2, "b", float("nan")), (3, "c", -0.5)])
+    batch = EventBatch(events=[TokenEvent(request_id="r", seq=0, token_ids=[1], logprobs=[lp])])
+    got = EventBatch.decode(batch.encode()).events[0].logprobs[0]
+    assert got.logprob == -9999.0
+    assert got.top == [(2, "b", -9999.0), (3, "c", -0.5)]
