@@ -73,7 +73,9 @@ def model_files(src: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in src.iterdir() if p.is_file() and p.name != "manifest.json"}
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack (and the environment it sets for AppTest) ends with the last UI test, so
+# nothing of it leaks into the tests that run after tests/ui.
+@pytest.fixture(scope="package")
 def ui_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIStack]:
     from tests.tiny_models import make_tiny_model
 
