@@ -1,6 +1,8 @@
 """Every Redis key and channel name spindle uses, written once.
 
 Jobs:      stream  ``spindle:jobs:<model>``, consumer group ``workers`` (at-least-once, XAUTOCLAIM)
+Ownership: no key of its own: a job belongs to the consumer (worker id) its entry is pending under;
+           workers write for a job only while that holds (worker/fencing.py)
 Tokens:    channel ``spindle:events:<gateway_id>`` (one per gateway instance, not per request)
 Cancel:    channel ``spindle:cancel`` (broadcast to workers) + key ``spindle:cancelled:<request_id>``
            (for a job that is picked up after the broadcast went out)

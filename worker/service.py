@@ -2,18 +2,25 @@
 
 One ``ModelServer`` per served model owns an engine thread and reads that model's stream as a member
 of the ``workers`` consumer group, asking for at most as many jobs as it has free slots (batching
-starts in the queue). Every engine step's outputs are published in one pipelined round trip: one
-PUBLISH of an ``EventBatch`` per gateway, plus XACK+XDEL of the jobs that finished (a finished job
-leaves the stream, so the stream's length is the work not yet done).
+starts in the queue). Every engine step's outputs are published in one round trip, one Lua script
+(worker/fencing.py): one PUBLISH of an ``EventBatch`` per gateway, plus XACK+XDEL of the jobs that
+finished (a finished job leaves the stream, so the stream's length is the work not yet done).
 
 Every event is also appended to the request's event log (``spindle:progress:<id>``) in the same
-MULTI/EXEC, so the log and what gateways received never disagree. The log is what makes a dead
+script, so the log and what gateways received never disagree. The script writes only for jobs whose
+stream entry is still pending under this worker's name (fencing): a worker cut off from Redis whose
+jobs were taken over meanwhile writes nothing for them once it is back, and drops them. The log is what makes a dead
 worker's job resumable: a worker that takes the job over (XAUTOCLAIM after ``CLAIM_IDLE_MS``) reads
 the log, continues after the tokens already delivered, and numbers its events from where the log ends;
 gateways drop any duplicate by ``seq``. A live worker renews the lease on its running jobs with a
 JUSTID XCLAIM on every heartbeat, so only jobs of dead workers ever go idle that long. A job delivered
 more than ``MAX_DELIVERIES`` times (it keeps killing workers) goes to the dead-letter stream and its
 client gets an error.
+
+Redis going away (a restart, a network cut) stops nothing for good: the consumer loop, the reclaimer
+and the pub/sub listeners retry with capped exponential backoff, the heartbeat at its interval (a
+longer pause would make a healthy worker look dead), and a consumer group lost with Redis's data is
+created again.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,10 +36,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from protocol import keys
-from protocol.messages import CancelMessage, ControlMessage, EventBatch, Job, TokenEvent, WorkerInfo
+from protocol.messages import CancelMessage, ControlMessage, Job, TokenEvent, WorkerInfo
 from protocol.settings import WorkerSettings
 from worker.engine.api import Engine, EngineOutput, EngineRequest
 from worker.engine.engine_thread import EngineThread
+from worker.fencing import Fence, Write
 from worker.metrics import RequestObs, WorkerMetrics
 
 log = logging.getLogger("worker")
@@ -86,9 +93,11 @@ class ModelServer:
         return max(0, self.worker.settings.max_batch - len(self.jobs))
 
     async def consume(self) -> None:
-        """Pull jobs while we have free slots; block in XREADGROUP when idle."""
+        """Pull jobs while we have free slots; block in XREADGROUP when idle. Never gives up on Redis."""
         w = self.worker
-        await w.with_redis_retry(lambda r: ensure_group(r, self.stream))
+        backoff = Backoff()
+        outage = Outage(f"reading {self.stream}")
+        group_ready = False
         while not w.draining and not self.stopping:
             free = self.free_slots
             if free == 0:
@@ -97,34 +106,49 @@ class ModelServer:
                     await asyncio.wait_for(self.capacity.wait(), 0.5)
                 continue
             try:
+                if not group_ready:
+                    await ensure_group(w.redis, self.stream)
+                    group_ready = True
                 resp = await w.redis.xreadgroup(keys.JOBS_GROUP, w.id, {self.stream: ">"}, count=free,
                                                 block=1000)
-            except ResponseError as e:
-                if "NOGROUP" in str(e):  # stream deleted (FLUSHALL, Redis restart without AOF)
-                    await w.with_redis_retry(lambda r: ensure_group(r, self.stream))
-                    continue
-                raise
             except RedisError as e:
-                log.warning("redis read failed (%s); retrying", e)
-                await asyncio.sleep(w.backoff.next())
+                if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+                    group_ready = False  # stream deleted (FLUSHALL, Redis restarted without its data)
+                outage.failed(e)
+                await asyncio.sleep(backoff.next())
                 continue
-            w.backoff.reset()
+            backoff.reset()
+            outage.ok()
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
                     await self.accept(entry_id, fields)
 
     async def accept(self, entry_id: bytes | str, fields: dict, recovered: bool = False) -> None:
-        """Take one stream entry. ``recovered``: a claimed or handed-back job, resumed from its log."""
-        w = self.worker
+        """Take one stream entry. ``recovered``: a claimed or handed-back job, resumed from its log.
+
+        Redis failing half-way leaves the entry pending under our name without a lease renewal: it is
+        taken over (maybe by us) once CLAIM_IDLE_MS has passed, and resumed from its event log.
+        """
         entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         try:
             job = Job.from_fields(fields)
         except Exception as e:
             log.error("malformed job %s dropped to the dead-letter stream: %s", entry_id, e)
-            await self.dead_letter(entry_id, f"malformed: {e}", None)
+            with contextlib.suppress(RedisError):
+                await self.dead_letter(entry_id, f"malformed: {e}", None)
             return
         active = ActiveJob(job, entry_id)
         self.last_used = time.monotonic()
+        try:
+            await self._start(active, recovered)
+        except RedisError as e:
+            log.warning("taking job %s failed (%s); left for takeover", job.request_id, e,
+                        extra={"request_id": job.request_id})
+            self.drop(active)
+
+    async def _start(self, active: ActiveJob, recovered: bool) -> None:
+        """Resume ``active`` from its event log if it has one, then run it (or end it at once)."""
+        w, job, entry_id = self.worker, active.job, active.entry_id
         if recovered or job.resume_token_ids:
             events = [TokenEvent.model_validate_json(e)
                       for e in await w.redis.lrange(keys.progress_key(job.request_id), 0, -1)]
@@ -194,23 +218,17 @@ class ModelServer:
     async def renew_leases(self) -> None:
         """Reset the idle time of our running jobs so no other worker claims them (no delivery count).
 
-        Only jobs still pending under our name are renewed: a job another worker took over while we
-        could not reach Redis (a partition) is dropped here, never claimed back.
+        Only jobs still pending under our name are renewed, checked and claimed in one script (a
+        check, then a claim, could take back a job another worker claimed in between): a job another
+        worker took over while we could not reach Redis (a partition) is dropped here.
         """
         if not self.jobs:
             return
-        r, me = self.worker.redis, self.worker.id
-        pending = await r.xpending_range(self.stream, keys.JOBS_GROUP, min="-", max="+",
-                                         count=max(1000, 4 * len(self.jobs)), consumername=me)
-        mine = {p["message_id"].decode() if isinstance(p["message_id"], bytes) else p["message_id"]
-                for p in pending}
-        for active in [a for a in self.jobs.values() if a.entry_id not in mine]:
+        lost = await self.worker.fence.renew(self.stream, [a.entry_id for a in self.jobs.values()])
+        for active in [a for a in self.jobs.values() if a.entry_id in lost]:
             log.warning("job %s was taken over by another worker; dropping it here", active.job.request_id,
                         extra={"request_id": active.job.request_id})
             self.drop(active)
-        ids = [a.entry_id for a in self.jobs.values()]
-        if ids:
-            await r.xclaim(self.stream, keys.JOBS_GROUP, me, 0, ids, justid=True)
 
     def drop(self, active: ActiveJob) -> None:
         """Forget a job without finishing it: it stays pending in the stream, where its lease runs out
@@ -229,19 +247,21 @@ class ModelServer:
                 active.obs.abandoned("handed_back")
         if not left:
             return 0
-        async with self.worker.redis.pipeline(transaction=True) as p:
-            for active in left:
-                job = active.job.model_copy(update={"resume_token_ids": active.delivered})
-                p.xadd(self.stream, job.to_fields())
-                p.xack(self.stream, keys.JOBS_GROUP, active.entry_id)
-                p.xdel(self.stream, active.entry_id)
-            await p.execute()
-        return len(left)
+        # Only jobs still ours: one another worker took over meanwhile must not be queued twice.
+        lost = await self.worker.fence.hand_back(self.stream, [
+            (a.entry_id, a.job.model_copy(update={"resume_token_ids": a.delivered}).to_fields()) for a in left])
+        if lost:
+            log.warning("%d jobs were taken over by another worker before the hand-back", len(lost))
+        return len(left) - len(lost)
 
     async def finish_early(self, active: ActiveJob, reason: str, error: str | None) -> None:
         out = EngineOutput(active.job.request_id, [], "", reason, len(active.job.prompt_token_ids), 0,
                            error=error)  # type: ignore[arg-type]
-        await self.worker.publish(self, [out])
+        try:
+            await self.worker.publish(self, [out])
+        except RedisError:
+            self.drop(active)  # still pending: taken over and ended by whoever claims it
+            raise
 
     async def ack(self, entry_id: str) -> None:
         async with self.worker.redis.pipeline(transaction=False) as p:
@@ -262,6 +282,24 @@ class Backoff:
         self.cur = self.first
 
 
+class Outage:
+    """Logs a Redis outage seen by one loop once when it starts and once when it ends, not every retry."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.since: float | None = None
+
+    def failed(self, e: Exception) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s failed (%s: %s); retrying", self.what, type(e).__name__, e)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("%s works again after %.1fs", self.what, time.monotonic() - self.since)
+            self.since = None
+
+
 #: loads a model by name: (engine, device, dtype); blocking, run in a thread
 EngineLoader = Callable[[str], tuple[Engine, str, str]]
 
@@ -276,10 +314,11 @@ class Worker:
         self.servers: dict[str, ModelServer] = {}
         self.outputs: asyncio.Queue[tuple[ModelServer, list[EngineOutput]]] = asyncio.Queue()
         self.draining = False
-        self.backoff = Backoff()
+        self.fence = Fence(self.redis, self.id, int(settings.progress_ttl * 1000))
         self._tasks: list[asyncio.Task] = []
         self.started_at = time.time()
         self.takeovers = 0
+        self.fenced = 0  # jobs whose writes the fence refused (worker/fencing.py)
         self.dead_letters = 0
         self._control_tasks: set[asyncio.Task] = set()
         self.metrics = WorkerMetrics(self)
@@ -379,9 +418,10 @@ class Worker:
             try:
                 await self.publish(server, outs)
             except RedisError as e:
-                # Nothing of this step reached Redis (MULTI/EXEC). Its jobs' sequence numbers ran
-                # ahead of their event logs, so they are dropped here and resumed from the logs once
-                # their leases run out; their clients see no gap and no duplicate.
+                # This step may or may not have reached Redis (one script: all of it or nothing).
+                # Its jobs' sequence numbers may have run ahead of their event logs, so they are
+                # dropped here and resumed from the logs once their leases run out; their clients
+                # see no gap and no duplicate.
                 dropped = {o.request_id for o in outs}
                 log.error("publishing %d outputs failed (%s); %d jobs left for takeover", len(outs), e,
                           len(dropped))
@@ -390,9 +430,9 @@ class Worker:
                         server.drop(active)
 
     async def publish(self, server: ModelServer, outs: list[EngineOutput]) -> None:
-        """One round trip: each gateway's events in one PUBLISH, finished jobs acked and deleted."""
-        by_gateway: dict[str, list[TokenEvent]] = defaultdict(list)
-        finished: list[ActiveJob] = []
+        """One round trip (worker/fencing.py): for the jobs still ours, events appended to their logs
+        and sent in one PUBLISH per gateway, finished jobs acked and deleted. The others are dropped."""
+        writes: list[Write] = []
         observed: list[tuple[ActiveJob, EngineOutput]] = []
         for o in outs:
             active = server.jobs.get(o.request_id)
@@ -407,28 +447,23 @@ class Worker:
                             worker_id=self.id)
             if active.seq == 0:
                 ev.queue_time = max(0.0, active.received_at - job.created_at)
+            writes.append(Write(active.entry_id, job.request_id, active.seq, job.gateway_id,
+                                o.finish_reason is not None, ev.model_dump_json(exclude_defaults=True)))
             active.seq += 1
             active.delivered.extend(o.new_token_ids)
-            by_gateway[job.gateway_id].append(ev)
-            if o.finish_reason is not None:
-                finished.append(active)
-        ttl_ms = int(self.settings.progress_ttl * 1000)
         sent_at = time.time()
-        async with self.redis.pipeline(transaction=True) as p:
-            for gateway_id, events in by_gateway.items():
-                for ev in events:
-                    p.rpush(keys.progress_key(ev.request_id), ev.model_dump_json(exclude_defaults=True))
-                    p.pexpire(keys.progress_key(ev.request_id), ttl_ms)
-                p.publish(keys.events_channel(gateway_id), EventBatch(events=events).encode())
-            for active in finished:
-                p.xack(server.stream, keys.JOBS_GROUP, active.entry_id)
-                p.xdel(server.stream, active.entry_id)
-            await p.execute()
-        self.metrics.published(observed, sent_at)
-        for active in finished:
-            server.jobs.pop(active.job.request_id, None)
-        if finished:
-            server.capacity.set()
+        fenced = await self.fence.publish(server.stream, writes)
+        self.metrics.published([(a, o) for a, o in observed if a.entry_id not in fenced], sent_at)
+        for active, o in observed:
+            if active.entry_id in fenced:
+                why = fenced[active.entry_id]
+                log.warning("job %s fenced off (%s): another worker owns it now, or its log lost events; "
+                            "dropping it here", active.job.request_id, why,
+                            extra={"request_id": active.job.request_id})
+                self.fenced += 1
+                server.drop(active)
+            elif o.finish_reason is not None and server.jobs.pop(active.job.request_id, None) is not None:
+                server.capacity.set()
 
     def info(self) -> WorkerInfo:
         running = waiting = 0
@@ -465,13 +500,15 @@ class Worker:
 
     async def _reclaimer(self) -> None:
         period = max(0.2, self.settings.claim_idle_ms / 1000 / 3)
+        outage = Outage("reclaiming idle jobs")
         while True:
             await asyncio.sleep(period)
-            for s in list(self.servers.values()):
-                try:
+            try:
+                for s in list(self.servers.values()):
                     await s.reclaim()
-                except RedisError as e:
-                    log.warning("reclaim on %s failed: %s", s.stream, e)
+                outage.ok()
+            except RedisError as e:  # NOGROUP too, until the consumer loop has created the group again
+                outage.failed(e)
 
     async def hand_back(self) -> int:
         n = 0
@@ -480,11 +517,13 @@ class Worker:
         return n
 
     async def _heartbeat(self) -> None:
+        outage = Outage("heartbeat")
         while True:
             try:
                 await self.heartbeat_once()
+                outage.ok()
             except RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                outage.failed(e)
             await self._unload_idle()
             await asyncio.sleep(self.settings.heartbeat_interval)
 

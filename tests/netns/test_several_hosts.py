@@ -13,8 +13,8 @@ the tokenizer of a tiny model.
    and continue from the event log, the gateway drops any duplicate by ``seq``. Every request
    completes with exactly the output of the undisturbed run: nothing lost, nothing repeated.
 3. The cable goes back in: the worker rejoins and serves new requests exactly.
-4. (xfail, a known limit) ... and it leaves the requests it lost alone. It does not yet: it never
-   learned that its jobs were taken over, and publishes what it could not send while cut off.
+4. ... and it leaves the requests it lost alone: what it could not send while cut off is fenced off
+   in Redis (worker/fencing.py), so those requests' event logs hold no stale event.
 
 Skipped, saying why, where network namespaces cannot be created (not root, no iproute2, a sandbox).
 """
@@ -291,11 +291,9 @@ def test_healed_worker_rejoins(cluster, undisturbed):
     assert per_worker[victim] > 0, f"the healed worker {victim} took no job in three rounds"
 
 
-@pytest.mark.xfail(reason="worker/service.py has no fencing: a worker cut off from Redis never learns that its "
-                          "jobs were taken over, and once healed it publishes the events it could not send, "
-                          "appending stale seqs to those requests' event logs (see docs/deploy.md, 'Known "
-                          "limits')", strict=False)
 def test_healed_worker_leaves_taken_over_requests_alone(cluster):
+    """Fencing (worker/fencing.py): what the healed worker still had to send for the requests it lost is
+    refused by Redis (their entries are no longer pending under its name), so their logs stay exact."""
     if not cluster.taken_over or cluster.net.cut_off:
         pytest.skip("needs the partition of the two tests before it")
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
