@@ -9,6 +9,7 @@ Cancel:    channel ``spindle:cancel`` (broadcast to workers) + key ``spindle:can
 Workers:   key ``spindle:worker:<worker_id>`` (JSON ``WorkerInfo``, expires after the heartbeat TTL)
 Progress:  key ``spindle:progress:<request_id>`` (tokens delivered so far, for takeover after a crash)
 Dead jobs: stream ``spindle:deadletter``
+Limits:    hash ``spindle:ratelimit:<identity>`` (the caller's request and token buckets, gateway/ratelimit.py)
 Control:   channel ``spindle:control`` (``ControlMessage``: model-manager -> workers, load/unload)
 Manager:   rq queue ``spindle-models`` (pull/import/optimize jobs), key ``spindle:manager:lock:<name>``
            (id of the job writing that model name), hash ``spindle:manager:stats`` (job and byte counters)
@@ -44,6 +45,10 @@ def cancelled_key(request_id: str) -> str:
 
 def progress_key(request_id: str) -> str:
     return f"{PREFIX}:progress:{request_id}"
+
+
+def rate_limit_key(identity: str) -> str:
+    return f"{PREFIX}:ratelimit:{identity}"
 
 
 def manager_lock_key(model: str) -> str:

@@ -47,6 +47,15 @@ class GatewaySettings(CommonSettings):
     queue_capacity: int = 256
     # In-flight requests per API key (or per client address when auth is off); 0 = unlimited.
     max_concurrent_requests: int = 0
+    # Requests per minute per API key (or client address without auth), shared by every gateway
+    # through Redis; past it a 429 with Retry-After. 0 = unlimited.
+    rate_limit_rpm: int = 0
+    # Tokens per minute per API key: prompt + max_tokens reserved at admission, the unused part given
+    # back when the request ends. 0 = unlimited.
+    rate_limit_tpm: int = 0
+    # Per-key limits instead of the two above: key:rpm:tpm entries, comma-separated (0 = unlimited).
+    # It names the keys: keep it as secret as API_KEYS.
+    api_key_limits: str = ""
     # Seconds a request may take end to end; the job's deadline.
     request_timeout: float = 300.0
     # Seconds without any event from the worker, once it has started a request, before the request
@@ -60,6 +69,9 @@ class GatewaySettings(CommonSettings):
     heartbeat_ttl: float = 10.0
     # Seconds between samples of queue depth, live workers and Redis health for /metrics; 0 = off.
     queue_metrics_interval: float = 5.0
+    # Seconds a SIGTERMed gateway lets open requests (streams) finish; meanwhile /ready and new
+    # requests answer 503. Then it exits, cutting what is still open.
+    gateway_drain_timeout: float = 30.0
 
 
 class WorkerSettings(CommonSettings):
