@@ -26,6 +26,7 @@ from gateway.canceller import Canceller
 from gateway.dispatcher import Dispatcher
 from gateway.metrics import GatewayMetrics, MetricsMiddleware, RedisSampler
 from gateway.middleware import RequestContextMiddleware
+from gateway.ratelimit import Limits, RateLimitHeadersMiddleware
 from gateway.service import Gateway
 from gateway.tokenization import TokenizerCache
 from gateway.workers import WorkerRegistry
@@ -60,6 +61,26 @@ async def warm_up(gw: Gateway) -> None:
         log.warning("could not preload the tokenizer of %s: %s", gw.settings.default_model, e.message)
     except Exception:
         log.exception("could not preload the tokenizer of %s", gw.settings.default_model)
+
+
+async def drain(app: FastAPI, timeout: float, poll: float = 0.1) -> bool:
+    """Stop admitting (``/ready`` and new requests answer 503) and wait until no admitted request is
+    in flight on this gateway, at most ``timeout`` seconds. True when nothing was left open."""
+    gw: Gateway | None = getattr(app.state, "gateway", None)
+    if gw is None:  # the lifespan has not started: nothing to drain
+        return True
+    gw.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    log.info("draining: %d request(s) in flight, waiting up to %gs", gw.admission.total_in_flight, timeout)
+    while gw.admission.total_in_flight and loop.time() < deadline:
+        await asyncio.sleep(poll)
+    left = gw.admission.total_in_flight
+    if left:
+        log.warning("drain timeout (%gs): %d request(s) still open will be cut", timeout, left)
+    else:
+        log.info("drained")
+    return not left
 
 
 def use_400_for_validation_errors(app: FastAPI) -> None:
@@ -98,7 +119,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             tokenizers=TokenizerCache(ArtifactStore(settings.artifacts_dir, settings.bundled_models_dir)),
             workers=WorkerRegistry(redis),
             admission=Admission(redis, settings.api_keys, settings.max_concurrent_requests,
-                                settings.queue_capacity),
+                                settings.queue_capacity,
+                                rate_limits=Limits(settings.rate_limit_rpm, settings.rate_limit_tpm),
+                                key_limits=settings.api_key_limits,
+                                on_reject=lambda reason: metrics.rejections.labels(reason).inc()),
             metrics=metrics)
         app.state.gateway = gw
         await gw.dispatcher.start(timeout=5.0)
@@ -127,6 +151,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
     app.include_router(system_routes.router)
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also sees 413s
     use_400_for_validation_errors(app)

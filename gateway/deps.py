@@ -8,7 +8,6 @@ from __future__ import annotations
 from fastapi import Header, Request
 
 from gateway.service import Gateway
-from protocol.errors import APIError
 
 
 async def get_gateway(request: Request) -> Gateway:
@@ -16,11 +15,8 @@ async def get_gateway(request: Request) -> Gateway:
 
 
 async def authenticate(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> str:
-    """The caller's identity for per-key limits; a 401 when API keys are configured and this is not one."""
+    """The caller's identity for per-key limits; a 401 when API keys are configured and this is not one,
+    a 503 while the gateway drains."""
     gw: Gateway = request.app.state.gateway
     client = request.client.host if request.client else "unknown"
-    try:
-        return gw.admission.authenticate(authorization, client)
-    except APIError:
-        gw.metrics.rejections.labels("auth").inc()
-        raise
+    return gw.admission.authenticate(authorization, client)

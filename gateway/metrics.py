@@ -76,7 +76,7 @@ class GatewayMetrics:
         self.engine_errors = Counter("llm_engine_errors", "Requests that failed after being queued",
                                      ["error_type"], registry=r)
         self.rejections = Counter("spindle_admission_rejections",
-                                  "Requests refused by admission (auth, concurrency, queue full)",
+                                  "Requests refused by admission, by reason (gateway/admission.py)",
                                   ["reason"], registry=r)
         self.cancellations = Counter("spindle_gateway_cancellations",
                                      "Jobs cancelled by the gateway (client gone, timeout, error)",

@@ -4,8 +4,9 @@
    (else 503 with ``Retry-After``); its tokenizer is loaded.
 2. ``encode_chat`` / ``encode_prompt``: the prompt's token ids (on the tokenizer threads).
 3. ``plan_max_tokens``: prompt + max_tokens must fit the context (else 400 naming both numbers).
-4. ``submit``: a concurrency slot for the caller (else 429), a subscription for the request id, then
-   the job is queued if its model's queue has room (else 429). Only now does anything reach Redis.
+4. ``submit``: admission (``gateway/admission.py``: a concurrency slot, the caller's rate limits, else
+   429), a subscription for the request id, then the job is queued if its model's queue has room
+   (else 429). Only now does anything reach the queue.
 """
 
 from __future__ import annotations
@@ -40,8 +41,16 @@ class Gateway:
     workers: WorkerRegistry
     admission: Admission
     metrics: GatewayMetrics
-    draining: bool = False
     warm_up: asyncio.Task | None = None  # the default model's tokenizer being preloaded
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: ``/ready`` and new requests answer 503 (admission decides)."""
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
 
     @property
     def warmed_up(self) -> bool:
@@ -93,15 +102,11 @@ class Gateway:
 
     async def submit(self, *, tok: ModelTokenizer, prompt_ids: list[int], params: SamplingParams,
                      request_id: str, identity: str, arrival: float, client_request_id: str = "") -> Generation:
-        try:
-            release = self.admission.acquire(identity)
-        except APIError:
-            self.metrics.rejections.labels("concurrency").inc()
-            raise
+        ticket = await self.admission.admit(identity, len(prompt_ids) + params.max_tokens)
         try:
             sub = self.dispatcher.register(request_id)
         except APIError:
-            release()
+            ticket.cancel()
             raise
         job = Job(request_id=request_id, gateway_id=self.settings.gateway_id, model=tok.name,
                   prompt_token_ids=prompt_ids, params=params, trace=tracing.inject(),
@@ -109,14 +114,16 @@ class Gateway:
         try:
             await self.admission.enqueue(job)
         except APIError:
-            self.metrics.rejections.labels("queue_full").inc()
             self.dispatcher.unregister(request_id)
-            release()
+            ticket.cancel()
             raise
         except BaseException:
             # The XADD may have happened before the error: make sure a worker drops the job.
             self.canceller.cancel(request_id)
             self.dispatcher.unregister(request_id)
-            release()
+            ticket.release()
             raise
-        return Generation(self, job, sub, release, arrival, client_request_id)
+        # At the end, the tokens reserved and not generated go back to the caller's rate limit.
+        gen = Generation(self, job, sub, lambda: ticket.release(params.max_tokens - gen.completion_tokens),
+                         arrival, client_request_id)
+        return gen
