@@ -72,6 +72,11 @@ class GatewaySettings(CommonSettings):
     # Seconds a SIGTERMed gateway lets open requests (streams) finish; meanwhile /ready and new
     # requests answer 503. Then it exits, cutting what is still open.
     gateway_drain_timeout: float = 30.0
+    # Seconds an Idempotency-Key is remembered (its request, then its response for replay).
+    idempotency_ttl: float = 86400.0
+    # Largest response kept for replay, bytes; a larger one is not replayed (409; a stream is rebuilt
+    # from its event log while the workers keep it).
+    idempotency_max_response_bytes: int = 1_000_000
 
 
 class WorkerSettings(CommonSettings):
@@ -81,6 +86,8 @@ class WorkerSettings(CommonSettings):
     # Engine: "paged" (continuous batching, the default), "simple" (one sequence at a time) or
     # "echo" (no model; for testing the serving fabric only).
     engine: str = "paged"
+    # Echo engine only: seconds each step sleeps, standing in for a forward pass (tests, load drills).
+    echo_step_delay: float = 0.002
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     max_batch: int = 32
