@@ -9,6 +9,9 @@ Cancel:    channel ``spindle:cancel`` (broadcast to workers) + key ``spindle:can
 Workers:   key ``spindle:worker:<worker_id>`` (JSON ``WorkerInfo``, expires after the heartbeat TTL)
 Progress:  key ``spindle:progress:<request_id>`` (tokens delivered so far, for takeover after a crash)
 Dead jobs: stream ``spindle:deadletter``
+Idempotency: hash ``spindle:idem:<scope>:<key>`` (scope: a digest of the caller's identity, key: a digest
+           of its ``Idempotency-Key``; fields in ``IDEM_*`` below), kept ``IDEMPOTENCY_TTL``; key
+           ``spindle:stream:<request_id>`` -> the name of that hash (``GET /v1/streams/<request_id>``)
 Limits:    hash ``spindle:ratelimit:<identity>`` (the caller's request and token buckets, gateway/ratelimit.py)
 Control:   channel ``spindle:control`` (``ControlMessage``: model-manager -> workers, load/unload)
 Manager:   rq queue ``spindle-models`` (pull/import/optimize jobs), key ``spindle:manager:lock:<name>``
@@ -53,3 +56,18 @@ def rate_limit_key(identity: str) -> str:
 
 def manager_lock_key(model: str) -> str:
     return f"{PREFIX}:manager:lock:{model}"
+
+
+# The fields of an idempotency record (gateway/idempotency.py). Claimed: fp (SHA-256 of the method,
+# path and canonical JSON body), rid (the request id), state ("pending"), meta (JSON
+# ``IdempotencyMeta``), deadline (unix seconds). Finished: state "done", status, ctype, stored ("1"
+# when body holds the response, "0" when it was larger than IDEMPOTENCY_MAX_RESPONSE_BYTES), body.
+IDEM_FIELDS = ("fp", "rid", "state", "meta", "deadline", "status", "ctype", "stored", "body")
+
+
+def idempotency_key(scope: str, key_digest: str) -> str:
+    return f"{PREFIX}:idem:{scope}:{key_digest}"
+
+
+def stream_key(request_id: str) -> str:
+    return f"{PREFIX}:stream:{request_id}"

@@ -162,5 +162,20 @@ class ControlMessage(BaseModel):
         return cls.model_validate_json(data)
 
 
+class IdempotencyMeta(BaseModel):
+    """What a request with an ``Idempotency-Key`` needs so another gateway can re-attach to its
+    stream (the ``meta`` field of its record, ``keys.idempotency_key``): the response's kind and the
+    values every chunk repeats."""
+
+    v: int = PROTOCOL_VERSION
+    kind: Literal["chat", "text", "generate", "llama"]
+    stream: bool = False
+    model: str
+    created: int = 0
+    include_usage: bool = False
+    prompt_tokens: int = 0
+    gateway_id: str  # whose events channel the job's tokens are published on
+
+
 def dumps(obj: dict) -> str:
     return json.dumps(obj, separators=(",", ":"))
