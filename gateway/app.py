@@ -31,7 +31,7 @@ from gateway.service import Gateway
 from gateway.tokenization import TokenizerCache
 from gateway.workers import WorkerRegistry
 from protocol.artifacts import ArtifactStore
-from protocol.errors import APIError
+from protocol.errors import APIError, unavailable
 from protocol.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -63,24 +63,31 @@ async def warm_up(gw: Gateway) -> None:
         log.exception("could not preload the tokenizer of %s", gw.settings.default_model)
 
 
-async def drain(app: FastAPI, timeout: float, poll: float = 0.1) -> bool:
+async def drain(app: FastAPI, timeout: float, poll: float = 0.1, cut_grace: float = 2.0) -> bool:
     """Stop admitting (``/ready`` and new requests answer 503) and wait until no admitted request is
-    in flight on this gateway, at most ``timeout`` seconds. True when nothing was left open."""
+    in flight on this gateway, at most ``timeout`` seconds. Past it, what is still open ends with a 503
+    ``shutting_down`` (a stream gets it as its last event, then ``[DONE]``) and its job is cancelled.
+    True when everything finished within the timeout."""
     gw: Gateway | None = getattr(app.state, "gateway", None)
     if gw is None:  # the lifespan has not started: nothing to drain
         return True
     gw.draining = True
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     log.info("draining: %d request(s) in flight, waiting up to %gs", gw.admission.total_in_flight, timeout)
-    while gw.admission.total_in_flight and loop.time() < deadline:
-        await asyncio.sleep(poll)
-    left = gw.admission.total_in_flight
-    if left:
-        log.warning("drain timeout (%gs): %d request(s) still open will be cut", timeout, left)
-    else:
+    if await _until_idle(gw, timeout, poll):
         log.info("drained")
-    return not left
+        return True
+    log.warning("drain timeout (%gs): ending the %d request(s) still open", timeout, gw.admission.total_in_flight)
+    gw.dispatcher.fail_all(unavailable(f"The gateway is shutting down and could not finish this request within "
+                                       f"{timeout:g}s; retry it", retry_after=1, code="shutting_down"))
+    await _until_idle(gw, cut_grace, poll)
+    return False
+
+
+async def _until_idle(gw: Gateway, timeout: float, poll: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while gw.admission.total_in_flight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(poll)
+    return not gw.admission.total_in_flight
 
 
 def use_400_for_validation_errors(app: FastAPI) -> None:

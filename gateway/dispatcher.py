@@ -186,8 +186,11 @@ class Dispatcher:
                 sub.feed(ev)
 
     def _fail_all(self, reason: str) -> None:
-        err = unavailable(f"Lost the connection to Redis while the request was in flight ({reason})",
-                          retry_after=2, code="redis_unavailable")
+        self.fail_all(unavailable(f"Lost the connection to Redis while the request was in flight ({reason})",
+                                  retry_after=2, code="redis_unavailable"))
+
+    def fail_all(self, err: APIError) -> None:
+        """End every request in flight with ``err`` (their readers raise it, then close)."""
         for sub in self._subs.values():
             sub.fail(err)
 
