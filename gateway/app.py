@@ -12,11 +12,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -31,7 +29,7 @@ from gateway.service import Gateway
 from gateway.tokenization import TokenizerCache
 from gateway.workers import WorkerRegistry
 from protocol.artifacts import ArtifactStore
-from protocol.errors import APIError, unavailable
+from protocol.errors import APIError, document_validation_errors_as_400, unavailable
 from protocol.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -90,28 +88,6 @@ async def _until_idle(gw: Gateway, timeout: float, poll: float) -> bool:
     return not gw.admission.total_in_flight
 
 
-def use_400_for_validation_errors(app: FastAPI) -> None:
-    """The OpenAPI document shows what we return: 400 with the error object, never FastAPI's 422."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for operations in schema.get("paths", {}).values():
-            for op in operations.values():
-                responses = op.get("responses", {})
-                if responses.pop("422", None) is not None:
-                    responses.setdefault("400", {"description": "Invalid request", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
-        components = schema.get("components", {}).get("schemas", {})
-        for unused in ("HTTPValidationError", "ValidationError"):
-            components.pop(unused, None)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     metrics = GatewayMetrics()
@@ -161,5 +137,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also sees 413s
-    use_400_for_validation_errors(app)
+    document_validation_errors_as_400(app)
     return app

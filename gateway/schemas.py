@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.errors import ErrorResponse  # noqa: F401 (re-exported: the routes document their errors with it)
 from protocol.messages import SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -21,19 +22,6 @@ MAX_MESSAGES = 4096
 
 MaxTokens = Annotated[int, Field(ge=1, le=10_000_000)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
-
-
-class ErrorObject(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error response: OpenAI's error object."""
-
-    error: ErrorObject
 
 
 def _valid_unicode(value: Any) -> None:
