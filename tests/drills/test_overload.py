@@ -164,13 +164,13 @@ def overload_system(redis_server, drill_artifacts, tmp_path_factory):
     except BaseException:
         worker.stop()
         raise
-    yield gateway, worker, redis_server.url
+    yield gateway, worker, redis_server.url, env
     gateway.stop()
     worker.stop()
 
 
 def test_ten_times_overload_sheds_load_with_429s(overload_system):
-    gateway, worker, redis_url = overload_system
+    gateway, worker, redis_url, _env = overload_system
     sampler = Sampler(redis_url, {"gateway": gateway.proc.pid, "worker": worker.proc.pid})
     sampler.start()
     answers, offered_for = asyncio.run(overload(gateway.url))
@@ -182,7 +182,8 @@ def test_ten_times_overload_sheds_load_with_429s(overload_system):
     server_errors = [a for a in answers if a.status >= 500]
     rss_mb = {name: (start / 2**20, peak / 2**20) for name, (start, peak) in peaks.rss.items()}
     print(f"\ndrill 3 (overload): {len(answers)} requests in {offered_for:.1f}s "
-          f"({len(answers) / offered_for:.0f}/s offered, {OVERLOAD}x the worker's {CAPACITY_RPS:.1f}/s); "
+          f"({len(answers) / offered_for:.0f}/s offered: {len(answers) / offered_for / CAPACITY_RPS:.1f}x the "
+          f"worker's {CAPACITY_RPS:.1f}/s, aiming at {OVERLOAD}x); "
           f"2xx {len(ok)}, 429 {len(refused)}, 5xx {len(server_errors)}, other {dict(statuses)}; "
           f"peak waiting jobs {peaks.waiting} (capacity {QUEUE_CAPACITY}), peak stream length {peaks.length}; "
           f"{sampler.samples} samples; "
@@ -216,3 +217,52 @@ def test_ten_times_overload_sheds_load_with_429s(overload_system):
 
     after = asyncio.run(one_more())
     assert after.status == 200 and after.complete
+
+
+RPM = 30
+
+
+def test_rate_limit_holds_across_two_gateways_under_a_burst(overload_system, tmp_path):
+    """Two more gateways share ``RATE_LIMIT_RPM``: 80 concurrent requests through both admit RPM of them
+    (plus what refilled during the burst), refuse the rest with 429 and the headers, and the bucket
+    refills: after ``Retry-After`` a request passes again."""
+    _gateway, _worker, _redis_url, system_env = overload_system
+    env = {**system_env, "RATE_LIMIT_RPM": str(RPM), "QUEUE_CAPACITY": "256"}
+    gateways = [start_gateway(env, tmp_path / f"gateway-{i}.log") for i in range(2)]
+    try:
+        async def burst() -> tuple[list[httpx.Response], float]:
+            clients = [httpx.AsyncClient(base_url=g.url, timeout=60) for g in gateways]
+            body = {"model": DRILL_MODEL, "prompt": "To be", "max_tokens": 4, "ignore_eos": True}
+            start = time.monotonic()
+            try:
+                out = await asyncio.gather(*(clients[i % 2].post("/v1/completions", json=body) for i in range(80)))
+            finally:
+                for c in clients:
+                    await c.aclose()
+            return list(out), time.monotonic() - start
+
+        answers, elapsed = asyncio.run(burst())
+        ok = [a for a in answers if a.status_code == 200]
+        refused = [a for a in answers if a.status_code == 429]
+        refilled = int(elapsed * RPM / 60) + 1
+        print(f"\nrate limit burst: 80 requests through 2 gateways in {elapsed:.2f}s, RPM {RPM}: "
+              f"{len(ok)} admitted, {len(refused)} refused; Retry-After "
+              f"{sorted({a.headers.get('retry-after') for a in refused})}")
+        assert len(ok) + len(refused) == len(answers), Counter(a.status_code for a in answers)
+        assert RPM <= len(ok) <= RPM + refilled
+        for a in refused:
+            assert a.json()["error"]["code"] == "rate_limit_exceeded" and int(a.headers["retry-after"]) >= 1
+            assert a.headers["x-ratelimit-limit-requests"] == str(RPM)
+            assert a.headers["x-ratelimit-remaining-requests"] == "0"
+        assert all(a.headers["x-ratelimit-limit-requests"] == str(RPM) for a in ok)
+        time.sleep(int(refused[-1].headers["retry-after"]))
+        again = httpx.post(gateways[0].url + "/v1/completions", timeout=30,
+                           json={"model": DRILL_MODEL, "prompt": "To be", "max_tokens": 4})
+        assert again.status_code == 200, again.text
+        counted = sum(float(httpx.get(g.url + "/metrics").text
+                            .split('spindle_admission_rejections_total{reason="rate_limit_requests"} ')[1].split()[0])
+                      for g in gateways)
+        assert counted == len(refused)
+    finally:
+        for g in gateways:
+            g.stop()
