@@ -110,7 +110,7 @@ class Generation:
                 self.cancel_reason = "redis_lost"
                 raise
             self._observe(ev)
-            if ev.error is not None or ev.finish_reason in ("error", "timeout", "cancelled"):
+            if failed(ev):
                 raise self._worker_failure(ev)
             yield ev
             if ev.finish_reason is not None:
@@ -152,15 +152,8 @@ class Generation:
 
     def _worker_failure(self, ev: TokenEvent) -> APIError:
         self.done = True
-        kind = ev.finish_reason or "error"
-        self.gw.metrics.engine_errors.labels(kind).inc()
-        if kind == "timeout":
-            return timeout_error(ev.error or "The request's deadline passed before it completed")
-        if kind == "cancelled":
-            return unavailable(ev.error or "The request was cancelled by the server; retry it",
-                               retry_after=1, code="cancelled")
-        return APIError(500, f"Generation failed on the worker: {ev.error or 'unknown error'}",
-                        "server_error", None, "engine_error")
+        self.gw.metrics.engine_errors.labels(ev.finish_reason or "error").inc()
+        return worker_failure(ev)
 
     async def collect(self) -> Outcome:
         parts: list[str] = []
@@ -194,6 +187,23 @@ class Generation:
                  self.completion_tokens, self.elapsed(),
                  extra={"request_id": self.client_request_id or self.request_id, "model": self.model,
                         "trace_id": tracing.trace_id_of(self.job.trace)})
+
+
+def failed(ev: TokenEvent) -> bool:
+    """The event ends its request with a failure on the worker's side."""
+    return ev.error is not None or ev.finish_reason in ("error", "timeout", "cancelled")
+
+
+def worker_failure(ev: TokenEvent) -> APIError:
+    """The client's error for a failed final event (``failed(ev)``)."""
+    kind = ev.finish_reason or "error"
+    if kind == "timeout":
+        return timeout_error(ev.error or "The request's deadline passed before it completed")
+    if kind == "cancelled":
+        return unavailable(ev.error or "The request was cancelled by the server; retry it",
+                           retry_after=1, code="cancelled")
+    return APIError(500, f"Generation failed on the worker: {ev.error or 'unknown error'}",
+                    "server_error", None, "engine_error")
 
 
 async def until_disconnected(request: Request) -> None:

@@ -12,15 +12,17 @@ false}`` ending with the full final object (``"stop": true``), without ``[DONE]`
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from gateway import sse
 from gateway.deps import authenticate, get_gateway
-from gateway.generation import Generation, Outcome, unless_disconnected
+from gateway.generation import Generation
+from gateway.idempotency import Idempotent, respond_json, submitted
 from gateway.middleware import arrival_of, request_id_of
 from gateway.openai_format import new_id, usage
 from gateway.openai_routes import ERROR_RESPONSES
@@ -28,6 +30,7 @@ from gateway.schemas import GenerateRequest, LlamaCompletionRequest
 from gateway.service import Gateway
 from gateway.tokenization import ModelTokenizer
 from protocol.errors import APIError
+from protocol.messages import IdempotencyMeta
 
 router = APIRouter(tags=["Native"])
 SSE_DOC: dict[int | str, dict[str, Any]] = {200: {"description": "text/event-stream",
@@ -49,27 +52,41 @@ def summary(gen: Generation) -> dict[str, Any]:
 
 
 async def _start(gw: Gateway, request: Request, identity: str, model: str | None, prompt: str | list[int],
-                 requested: int | None, param: str, sampling: Any) -> tuple[ModelTokenizer, Generation]:
+                 requested: int | None, param: str, sampling: Any, kind: Literal["generate", "llama"] = "generate",
+                 idem: Idempotent | None = None) -> tuple[ModelTokenizer, Generation] | Response:
+    """Plan and submit the job; with an Idempotency-Key, hold it first (or the answer of the request
+    that holds it)."""
     tok = await gw.model_for(model)
     prompt_ids = await gw.encode_prompt(tok, prompt)
     max_tokens = gw.plan_max_tokens(tok, len(prompt_ids), requested, param)
-    gen = await gw.submit(tok=tok, prompt_ids=prompt_ids, params=sampling(max_tokens), request_id=new_id("gen"),
-                          identity=identity, arrival=arrival_of(request.scope),
-                          client_request_id=request_id_of(request.scope))
+    rid = new_id("gen")
+    if idem is not None:
+        meta = IdempotencyMeta(kind=kind, model=tok.name, prompt_tokens=len(prompt_ids),
+                               gateway_id=gw.settings.gateway_id)
+        answer = await idem.claim(rid, meta, time.time() + gw.settings.request_timeout)
+        if answer is not None:
+            return answer
+    gen = await submitted(idem, gw.submit(tok=tok, prompt_ids=prompt_ids, params=sampling(max_tokens), request_id=rid,
+                                          identity=identity, arrival=arrival_of(request.scope),
+                                          client_request_id=request_id_of(request.scope)))
     return tok, gen
 
 
 @router.post("/generate", response_model=None, responses=ERROR_RESPONSES)
 async def generate(body: GenerateRequest, request: Request, gw: Gateway = Depends(get_gateway),
-                   identity: str = Depends(authenticate)) -> JSONResponse:
-    """Generate text for a prompt: ``{"text", "tokens", "finish_reason", "usage", "timings"}``."""
-    _tok, gen = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
-                             "max_new_tokens", lambda n: body.sampling(n))
-    try:
-        out = await unless_disconnected(request, gen.collect())
-    finally:
-        gen.close()
-    return JSONResponse({"text": out.text, "tokens": out.token_ids, **summary(gen)})
+                   identity: str = Depends(authenticate)) -> Response:
+    """Generate text for a prompt: ``{"text", "tokens", "finish_reason", "usage", "timings"}``.
+    An ``Idempotency-Key`` header makes a retry replay the first answer (docs/api.md)."""
+    idem = await Idempotent.open(request, gw, identity)
+    if idem is not None and (answer := await idem.existing()) is not None:
+        return answer
+    started = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
+                           "max_new_tokens", lambda n: body.sampling(n), idem=idem)
+    if isinstance(started, Response):
+        return started
+    _tok, gen = started
+    return await respond_json(idem, request, gen,
+                              lambda out: {"text": out.text, "tokens": out.token_ids, **summary(gen)})
 
 
 async def _token_stream(gen: Generation) -> AsyncIterator[str]:
@@ -93,9 +110,11 @@ async def _token_stream(gen: Generation) -> AsyncIterator[str]:
 async def stream(body: GenerateRequest, request: Request, gw: Gateway = Depends(get_gateway),
                  identity: str = Depends(authenticate)) -> sse.EventStreamResponse:
     """Server-sent events: ``event: ttft``, the tokens as JSON strings, ``event: done`` with a summary."""
-    _tok, gen = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
-                             "max_new_tokens", lambda n: body.sampling(n))
-    return sse.EventStreamResponse(_token_stream(gen))
+    await Idempotent.open(request, gw, identity, stream=True, resumable=False)
+    started = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
+                           "max_new_tokens", lambda n: body.sampling(n))
+    assert not isinstance(started, Response)
+    return sse.EventStreamResponse(_token_stream(started[1]))
 
 
 def llama_stop_type(finish_reason: str | None, stop_reason: str | None) -> str:
@@ -147,14 +166,17 @@ async def _llama_stream(gen: Generation, body: LlamaCompletionRequest, prompt_te
 @router.post("/completion", response_model=None, responses={**SSE_DOC, **ERROR_RESPONSES})
 async def llama_completion(body: LlamaCompletionRequest, request: Request, gw: Gateway = Depends(get_gateway),
                            identity: str = Depends(authenticate)) -> Any:
-    """llama.cpp server's ``/completion`` (``prompt``, ``n_predict``, ...), streaming with ``stream: true``."""
-    _tok, gen = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
-                             "n_predict", body.sampling)
+    """llama.cpp server's ``/completion`` (``prompt``, ``n_predict``, ...), streaming with ``stream: true``.
+    Without ``stream``, an ``Idempotency-Key`` header makes a retry replay the first answer (docs/api.md)."""
+    idem = await Idempotent.open(request, gw, identity, stream=body.stream, resumable=False)
+    if idem is not None and (answer := await idem.existing()) is not None:
+        return answer
+    started = await _start(gw, request, identity, body.model, body.prompt, body.requested_max_tokens,
+                           "n_predict", body.sampling, kind="llama", idem=idem)
+    if isinstance(started, Response):
+        return started
+    _tok, gen = started
     prompt_text = body.prompt if isinstance(body.prompt, str) else ""
     if body.stream:
         return sse.EventStreamResponse(_llama_stream(gen, body, prompt_text))
-    try:
-        out: Outcome = await unless_disconnected(request, gen.collect())
-    finally:
-        gen.close()
-    return JSONResponse(llama_final(gen, body, out.text, prompt_text))
+    return await respond_json(idem, request, gen, lambda out: llama_final(gen, body, out.text, prompt_text))

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
+from gateway import idempotency, resume
 from gateway import openai_format as fmt
-from gateway import sse
 from gateway.deps import authenticate, get_gateway
-from gateway.generation import Generation, unless_disconnected
+from gateway.idempotency import Idempotent, respond_json, respond_stream, submitted
 from gateway.middleware import arrival_of, request_id_of
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from gateway.service import Gateway
-from gateway.tokenization import model_not_found
+from gateway.tokenization import ModelTokenizer, model_not_found
 from protocol.errors import APIError
+from protocol.messages import IdempotencyMeta, SamplingParams
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -38,66 +38,69 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _stream(gen: Generation, chunks: fmt.ChunkMaker) -> AsyncIterator[str]:
-    try:
-        if chunks.chat:
-            yield sse.data(chunks.role())
-        try:
-            async for ev in gen.events():
-                if ev.finish_reason is not None:
-                    yield sse.data(chunks.content(ev.text, ev.logprobs, ev.finish_reason))
-                elif ev.text or ev.logprobs:
-                    yield sse.data(chunks.content(ev.text, ev.logprobs))
-            if chunks.include_usage:
-                yield sse.data(chunks.usage(gen.prompt_tokens, gen.completion_tokens))
-        except APIError as e:
-            yield sse.data(e.body())
-        yield sse.DONE
-    finally:
-        gen.close()
+async def _serve(request: Request, gw: Gateway, identity: str, idem: Idempotent | None, tok: ModelTokenizer,
+                 prompt_ids: list[int], params: SamplingParams, *, chat: bool, stream: bool,
+                 include_usage: bool) -> Response:
+    """Submit the job (holding the Idempotency-Key first, if there is one) and answer it."""
+    rid, created = fmt.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    if idem is not None:
+        meta = IdempotencyMeta(kind="chat" if chat else "text", stream=stream, model=tok.name, created=created,
+                               include_usage=include_usage, prompt_tokens=len(prompt_ids),
+                               gateway_id=gw.settings.gateway_id)
+        answer = await idem.claim(rid, meta, time.time() + gw.settings.request_timeout)
+        if answer is not None:
+            return answer
+    gen = await submitted(idem, gw.submit(tok=tok, prompt_ids=prompt_ids, params=params, request_id=rid,
+                                          identity=identity, arrival=arrival_of(request.scope),
+                                          client_request_id=request_id_of(request.scope)))
+    if stream:
+        chunks = fmt.ChunkMaker(rid, tok.name, created, chat, include_usage)
+        return respond_stream(idem, gen, resume.openai_stream(gen.events(), chunks, gen.prompt_tokens))
+    render = fmt.chat_completion if chat else fmt.text_completion
+    return await respond_json(idem, request, gen, lambda out: render(rid, tok.name, created, out))
 
 
 @router.post("/v1/chat/completions", response_model=None, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
 async def chat_completions(body: ChatCompletionRequest, request: Request, gw: Gateway = Depends(get_gateway),
                            identity: str = Depends(authenticate)) -> Any:
-    """Chat completion (OpenAI API), streaming with ``stream: true``."""
+    """Chat completion (OpenAI API), streaming with ``stream: true``. ``Idempotency-Key`` and
+    ``Last-Event-ID`` headers: see docs/api.md."""
+    idem = await Idempotent.open(request, gw, identity, stream=body.stream)
+    if idem is not None and (answer := await idem.existing()) is not None:
+        return answer
     tok = await gw.model_for(body.model)
     prompt_ids = await gw.encode_chat(tok, [m.for_template() for m in body.messages])
     max_tokens = gw.plan_max_tokens(tok, len(prompt_ids), body.requested_max_tokens,
                                     "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     params = body.sampling(max_tokens, logprobs=body.num_logprobs)
-    rid, created = fmt.new_id("chatcmpl"), int(time.time())
-    gen = await gw.submit(tok=tok, prompt_ids=prompt_ids, params=params, request_id=rid, identity=identity,
-                          arrival=arrival_of(request.scope), client_request_id=request_id_of(request.scope))
-    if body.stream:
-        return sse.EventStreamResponse(_stream(gen, fmt.ChunkMaker(rid, tok.name, created, True,
-                                                                   body.include_usage)))
-    try:
-        out = await unless_disconnected(request, gen.collect())
-    finally:
-        gen.close()
-    return JSONResponse(fmt.chat_completion(rid, tok.name, created, out))
+    return await _serve(request, gw, identity, idem, tok, prompt_ids, params, chat=True, stream=body.stream,
+                        include_usage=body.include_usage)
 
 
 @router.post("/v1/completions", response_model=None, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
 async def completions(body: CompletionRequest, request: Request, gw: Gateway = Depends(get_gateway),
                       identity: str = Depends(authenticate)) -> Any:
-    """Text completion (OpenAI legacy API), streaming with ``stream: true``."""
+    """Text completion (OpenAI legacy API), streaming with ``stream: true``. ``Idempotency-Key`` and
+    ``Last-Event-ID`` headers: see docs/api.md."""
+    idem = await Idempotent.open(request, gw, identity, stream=body.stream)
+    if idem is not None and (answer := await idem.existing()) is not None:
+        return answer
     tok = await gw.model_for(body.model)
     prompt_ids = await gw.encode_prompt(tok, body.prompt_value())
     max_tokens = gw.plan_max_tokens(tok, len(prompt_ids), body.max_tokens, "max_tokens")
     params = body.sampling(max_tokens, logprobs=body.logprobs)
-    rid, created = fmt.new_id("cmpl"), int(time.time())
-    gen = await gw.submit(tok=tok, prompt_ids=prompt_ids, params=params, request_id=rid, identity=identity,
-                          arrival=arrival_of(request.scope), client_request_id=request_id_of(request.scope))
-    if body.stream:
-        return sse.EventStreamResponse(_stream(gen, fmt.ChunkMaker(rid, tok.name, created, False,
-                                                                   body.include_usage)))
-    try:
-        out = await unless_disconnected(request, gen.collect())
-    finally:
-        gen.close()
-    return JSONResponse(fmt.text_completion(rid, tok.name, created, out))
+    return await _serve(request, gw, identity, idem, tok, prompt_ids, params, chat=False, stream=body.stream,
+                        include_usage=body.include_usage)
+
+
+@router.get("/v1/streams/{stream_id}", response_model=None,
+            responses={**STREAM_RESPONSE, 401: ERROR_RESPONSES[401],
+                       404: {"model": ErrorResponse, "description": "No resumable stream with this id"}})
+async def resume_stream(stream_id: str, request: Request, gw: Gateway = Depends(get_gateway),
+                        identity: str = Depends(authenticate)) -> Any:
+    """A stream started with an ``Idempotency-Key``, by its id, from the start or past the event named
+    by the ``Last-Event-ID`` header (or ``?last_event_id=``): the rest of it, finished or still running."""
+    return await idempotency.resume_stream(request, gw, identity, stream_id)
 
 
 def _model_card(name: str, manifest: Any | None, served: bool) -> dict[str, Any]:

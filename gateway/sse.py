@@ -2,6 +2,8 @@
 
 Every payload is JSON (or the literal ``[DONE]``), so a newline inside a token is escaped as ``\\n``
 and cannot break the ``data:`` framing.
+An ``id:`` line (OpenAI streams: ``<request_id>:<position>``, gateway/resume.py) comes first in its
+event, so a stored stream splits into events at every blank line.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def data(obj: Any) -> str:
-    """One ``data:`` event carrying ``obj`` as JSON."""
-    return f"data: {dumps(obj)}\n\n"
+def data(obj: Any, event_id: str | None = None) -> str:
+    """One ``data:`` event carrying ``obj`` as JSON, with an ``id:`` line when ``event_id`` is given."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {dumps(obj)}\n\n"
+
+
+def done(event_id: str | None = None) -> str:
+    """The closing ``data: [DONE]``, with an ``id:`` line when ``event_id`` is given."""
+    return DONE if event_id is None else f"id: {event_id}\n{DONE}"
 
 
 def event(name: str, obj: Any) -> str:

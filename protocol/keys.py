@@ -10,7 +10,7 @@ Workers:   key ``spindle:worker:<worker_id>`` (JSON ``WorkerInfo``, expires afte
 Progress:  key ``spindle:progress:<request_id>`` (tokens delivered so far, for takeover after a crash)
 Dead jobs: stream ``spindle:deadletter``
 Idempotency: hash ``spindle:idem:<scope>:<key>`` (scope: a digest of the caller's identity, key: a digest
-           of its ``Idempotency-Key``; fields in ``IDEM_*`` below), kept ``IDEMPOTENCY_TTL``; key
+           of its ``Idempotency-Key``; fields: ``IDEM_FIELDS`` below), kept ``IDEMPOTENCY_TTL``; key
            ``spindle:stream:<request_id>`` -> the name of that hash (``GET /v1/streams/<request_id>``)
 Limits:    hash ``spindle:ratelimit:<identity>`` (the caller's request and token buckets, gateway/ratelimit.py)
 Control:   channel ``spindle:control`` (``ControlMessage``: model-manager -> workers, load/unload)

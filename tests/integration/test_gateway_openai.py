@@ -123,14 +123,19 @@ def test_completions_streaming_and_not(client, worker, tokenizer):
 
 
 def test_sse_framing_is_exact(gw, worker):
-    """Raw bytes: every event is ``data: <json>``; newlines inside tokens are escaped; [DONE] last."""
+    """Raw bytes: every event is ``id: <request id>:<position>`` (growing) then ``data: <json>``;
+    newlines inside tokens are escaped; [DONE] last."""
     with AutoResponder(worker, lambda job: PIECES):
         r = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
-    assert events[-1] == {"data": "[DONE]"}
+    assert r.text.startswith("id: ") and all(list(e) == ["id", "data"] for e in events)
+    assert events[-1]["data"] == "[DONE]"
     payloads = [json.loads(e["data"]) for e in events[:-1]]
+    positions = [int(e["id"].rpartition(":")[2]) for e in events]
+    assert {e["id"].rpartition(":")[0] for e in events} == {payloads[0]["id"]}
+    assert positions == sorted(set(positions)) and positions[0] == 0  # 0: the role chunk
     assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads) == "".join(PIECES)
     assert all("usage" not in p for p in payloads)  # only with include_usage
 
@@ -209,7 +214,7 @@ def test_streaming_error_after_start_is_an_error_event(gw, worker):
     assert json.loads(events[0]["data"])["choices"][0]["text"] == "ok"
     err = json.loads(events[-2]["data"])["error"]
     assert err["code"] == "engine_error" and "boom" in err["message"]
-    assert events[-1] == {"data": "[DONE]"}
+    assert events[-1]["data"] == "[DONE]"
 
 
 def test_native_generate_stream_and_llama_completion(gw, worker):
@@ -275,7 +280,7 @@ def test_streaming_disconnect_cancels_the_job(gw, worker, redis_url):
                 "POST", gw.url + "/v1/chat/completions",
                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}) as r:
             lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the role chunk: the job is queued
+            assert next(lines).startswith("id: ")  # the role chunk: the job is queued
             _entry, job = worker.take_job()
             worker.publish(gw.gateway_id, [TokenEvent(request_id=job.request_id, seq=0, token_ids=[1], text="a")])
         # leaving the block closed the connection mid-stream

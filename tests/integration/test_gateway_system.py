@@ -147,7 +147,7 @@ def test_redis_restart_fails_in_flight_fast_and_recovers(tiny_artifacts, tmp_pat
             worker.publish(g.gateway_id, [TokenEvent(request_id=job.request_id, seq=0, token_ids=[1], text="a")])
             server.stop()
             t.join(20)
-            events = [line for line in result["r"].text.split("\n\n") if line]
+            events = [block.split("\n")[-1] for block in result["r"].text.split("\n\n") if block]  # data lines
             err = json.loads(events[-2].removeprefix("data: "))["error"]
             assert err["code"] == "redis_unavailable" and events[-1] == "data: [DONE]"
 
