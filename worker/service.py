@@ -28,11 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from protocol import keys
@@ -46,6 +49,10 @@ from worker.metrics import RequestObs, WorkerMetrics
 log = logging.getLogger("worker")
 
 CANCELLED_TTL_S = 600
+# Longest pause (nominal seconds, jitter 0.5-1.5x) between tries of the consumer loop and the pub/sub
+# listeners while Redis is away: about how long, at worst, a worker stays deaf after Redis is back.
+# A try against a Redis that is down costs one refused connection.
+RETRY_CAP_S = 1.0
 
 
 @dataclass
@@ -95,7 +102,7 @@ class ModelServer:
     async def consume(self) -> None:
         """Pull jobs while we have free slots; block in XREADGROUP when idle. Never gives up on Redis."""
         w = self.worker
-        backoff = Backoff()
+        backoff = Backoff(cap=RETRY_CAP_S)
         outage = Outage(f"reading {self.stream}")
         group_ready = False
         while not w.draining and not self.stopping:
@@ -112,9 +119,10 @@ class ModelServer:
                 resp = await w.redis.xreadgroup(keys.JOBS_GROUP, w.id, {self.stream: ">"}, count=free,
                                                 block=1000)
             except RedisError as e:
-                if isinstance(e, ResponseError) and "NOGROUP" in str(e):
-                    group_ready = False  # stream deleted (FLUSHALL, Redis restarted without its data)
                 outage.failed(e)
+                if isinstance(e, ResponseError) and "NOGROUP" in str(e) and group_ready:
+                    group_ready = False  # stream deleted (FLUSHALL, Redis restarted without its data)
+                    continue  # Redis answers: create the group again at once
                 await asyncio.sleep(backoff.next())
                 continue
             backoff.reset()
@@ -271,12 +279,15 @@ class ModelServer:
 
 
 class Backoff:
+    """Capped exponential backoff with jitter (each delay 0.5-1.5 times the nominal one), so that many
+    workers retrying against a Redis that is coming back do not retry in step."""
+
     def __init__(self, first: float = 0.1, cap: float = 5.0):
         self.first, self.cap, self.cur = first, cap, first
 
     def next(self) -> float:
         d, self.cur = self.cur, min(self.cap, self.cur * 2)
-        return d
+        return d * random.uniform(0.5, 1.5)
 
     def reset(self) -> None:
         self.cur = self.first
@@ -300,6 +311,15 @@ class Outage:
             self.since = None
 
 
+def create_redis(url: str) -> aioredis.Redis:
+    """The worker's client. A command that fails on a broken connection (Redis restarted: every pooled
+    connection is stale) is re-sent at once on a new one, a couple of times; safe because every write
+    that matters is idempotent (the fence's scripts, SET, XCLAIM JUSTID). No socket timeout: XREADGROUP
+    and pub/sub block on purpose; connecting is bounded."""
+    return aioredis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=2,
+                                   retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
+
+
 #: loads a model by name: (engine, device, dtype); blocking, run in a thread
 EngineLoader = Callable[[str], tuple[Engine, str, str]]
 
@@ -310,7 +330,7 @@ class Worker:
         self.settings = settings
         self.loader = loader
         self.id = settings.worker_id
-        self.redis = redis_client or aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+        self.redis = redis_client or create_redis(settings.redis_url)
         self.servers: dict[str, ModelServer] = {}
         self.outputs: asyncio.Queue[tuple[ModelServer, list[EngineOutput]]] = asyncio.Queue()
         self.draining = False
@@ -517,31 +537,39 @@ class Worker:
         return n
 
     async def _heartbeat(self) -> None:
+        """Every HEARTBEAT_INTERVAL; while Redis is away, sooner (backoff up to the interval), so the
+        worker is listed again, and its leases renewed, right after Redis is back."""
         outage = Outage("heartbeat")
+        backoff = Backoff(cap=self.settings.heartbeat_interval)
         while True:
+            pause = self.settings.heartbeat_interval
             try:
                 await self.heartbeat_once()
                 outage.ok()
+                backoff.reset()
             except RedisError as e:
                 outage.failed(e)
+                pause = min(pause, backoff.next())
             await self._unload_idle()
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(pause)
 
     async def _subscribe(self, channel: str, handle: Callable[[bytes], object]) -> None:
         """Listen on ``channel`` for ever, resubscribing with backoff when Redis drops."""
-        backoff = Backoff()
+        backoff = Backoff(cap=RETRY_CAP_S)
+        outage = Outage(f"subscription to {channel}")
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
                 backoff.reset()
+                outage.ok()
                 async for msg in pubsub.listen():
                     if msg.get("type") == "message":
                         result = handle(msg["data"])
                         if asyncio.iscoroutine(result):
                             await result
             except RedisError as e:
-                log.warning("subscription to %s lost (%s); resubscribing", channel, e)
+                outage.failed(e)
                 await asyncio.sleep(backoff.next())
             finally:
                 with contextlib.suppress(Exception):

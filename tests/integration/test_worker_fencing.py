@@ -208,7 +208,7 @@ async def test_worker_serves_again_after_redis_restarts_empty(tiny_artifacts, tm
             return bool(log) and TokenEvent.model_validate_json(log[-1]).finish_reason == "length"
 
         await wait_for("the job after the restart to finish", finished)
-        assert await r.exists(keys.worker_key(w.id))  # heartbeating again
+        await wait_for("the heartbeat", lambda: r.exists(keys.worker_key(w.id)))
     finally:
         await w.stop()
         await r.aclose()
