@@ -338,9 +338,13 @@ class Idempotent:
         except (RedisError, OSError) as e:  # the record goes stale after the deadline: a retry re-runs it
             log.warning("could not settle idempotency record of %s: %s", self.rid, e)
 
+    async def settle_failed(self) -> None:
+        """The request failed before its job ran: free the key."""
+        if self.rid is not None:
+            await self._settle(False, "", b"")
+
     def give_up(self) -> None:
-        """The request failed before its job ran: free the key (in the background: this may be
-        called while the request is being cancelled)."""
+        """``settle_failed`` in the background (for a request being cancelled)."""
         if self.rid is not None:
             self.store.spawn(self._settle(False, "", b""))
 
@@ -378,9 +382,14 @@ class Idempotent:
 
 # -- what the routes call, with or without a key --------------------------------------------------
 async def submitted(idem: Idempotent | None, work: Awaitable[Generation]) -> Generation:
-    """The submitted job; a failure to submit gives the key up."""
+    """The submitted job; a failure to submit gives the key up (before the client hears of a refusal,
+    so that its retry runs)."""
     try:
         return await work
+    except APIError:
+        if idem is not None:
+            await idem.settle_failed()
+        raise
     except BaseException:
         if idem is not None:
             idem.give_up()

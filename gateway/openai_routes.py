@@ -94,7 +94,9 @@ async def completions(body: CompletionRequest, request: Request, gw: Gateway = D
 
 
 @router.get("/v1/streams/{stream_id}", response_model=None,
-            responses={**STREAM_RESPONSE, 401: ERROR_RESPONSES[401],
+            responses={200: {"description": "text/event-stream: the stream's events after Last-Event-ID",
+                             "content": {"text/event-stream": {}}},
+                       400: ERROR_RESPONSES[400], 401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503],
                        404: {"model": ErrorResponse, "description": "No resumable stream with this id"}})
 async def resume_stream(stream_id: str, request: Request, gw: Gateway = Depends(get_gateway),
                         identity: str = Depends(authenticate)) -> Any:
