@@ -45,7 +45,7 @@ OLDEST_KUBERNETES = "1.29"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 # Settings that must not be shared by every pod (each makes its own) or that are secrets.
 PER_POD = {"GATEWAY_ID", "WORKER_ID"}
-SECRETS = {"API_KEYS", "API_KEY", "ADMIN_API_KEY", "HF_TOKEN"}
+SECRETS = {"API_KEYS", "API_KEY_LIMITS", "API_KEY", "ADMIN_API_KEY", "HF_TOKEN"}
 # The settings class each workload's program reads.
 SETTINGS = {"gateway": GatewaySettings, "worker": WorkerSettings, "model-manager": ManagerSettings,
             "model-manager-jobs": ManagerSettings, "ui": UISettings}
@@ -324,8 +324,9 @@ def test_containers_get_the_config_and_only_their_secrets(rendered):
     config = rendered.generated("ConfigMap", "spindle-config")["metadata"]["name"]
     secret = rendered.generated("Secret", "spindle-secrets")
     assert set(secret["data"]) == SECRETS
-    wanted_secrets = {"gateway": {"API_KEYS"}, "worker": set(), "model-manager": {"ADMIN_API_KEY", "HF_TOKEN"},
-                      "model-manager-jobs": {"HF_TOKEN"}, "ui": {"API_KEY", "ADMIN_API_KEY"}}
+    wanted_secrets = {"gateway": {"API_KEYS", "API_KEY_LIMITS"}, "worker": set(),
+                      "model-manager": {"ADMIN_API_KEY", "HF_TOKEN"}, "model-manager-jobs": {"HF_TOKEN"},
+                      "ui": {"API_KEY", "ADMIN_API_KEY"}}
     for w in rendered.workloads:
         name = w["metadata"]["name"]
         if name == "redis":
@@ -445,10 +446,13 @@ def test_grace_periods_cover_the_drain(rendered):
     worker = pod_spec(rendered.workload("worker"))
     assert worker["terminationGracePeriodSeconds"] >= prestop_seconds(worker["containers"][0]) + drain + 10, \
         "the worker's grace period must cover preStop + DRAIN_TIMEOUT + the hand-back and exit"
-    uvicorn = int(re.search(r"timeout_graceful_shutdown=(\d+)",
-                            (REPO_ROOT / "gateway" / "__main__.py").read_text()).group(1))
+    from gateway.__main__ import SHUTDOWN_GRACE
+
+    gateway_drain = float(rendered.env("gateway")["GATEWAY_DRAIN_TIMEOUT"])
     gateway = pod_spec(rendered.workload("gateway"))
-    assert gateway["terminationGracePeriodSeconds"] >= prestop_seconds(gateway["containers"][0]) + uvicorn + 5
+    assert gateway["terminationGracePeriodSeconds"] >= \
+        prestop_seconds(gateway["containers"][0]) + gateway_drain + SHUTDOWN_GRACE + 5, \
+        "the gateway's grace period must cover preStop + GATEWAY_DRAIN_TIMEOUT + uvicorn's shutdown and exit"
     for name in ("gateway", "model-manager", "ui"):  # behind a Service: leave it before SIGTERM
         spec = pod_spec(rendered.workload(name))
         wait = prestop_seconds(spec["containers"][0])
