@@ -19,7 +19,7 @@
 
 Redis being down fails the request at once with a 503 (the app's ``RedisError`` handler). Each refusal
 is counted by ``on_reject(reason)`` (``spindle_admission_rejections_total{reason}``): ``draining``,
-``auth``, ``concurrency``, ``request_too_large``, ``rate_limit_requests``, ``rate_limit_tokens``,
+``auth``, ``concurrency``, ``exceeds_token_limit``, ``rate_limit_requests``, ``rate_limit_tokens``,
 ``queue_full``, ``redis_unavailable``.
 """
 
@@ -201,7 +201,7 @@ class Admission:
             quota = await self.limiter.take(identity, tokens)
         except APIError:  # more tokens than the bucket holds
             release()
-            self._on_reject("request_too_large")
+            self._on_reject("exceeds_token_limit")
             raise
         except (RedisError, OSError):
             release()

@@ -180,7 +180,7 @@ class RateLimiter:
         if 0 < limits.tpm < tokens:
             raise APIError(400, f"Request too large: it reserves {tokens} tokens (prompt plus max_tokens), "
                                 f"more than this key's limit of {limits.tpm} tokens per minute. Reduce the "
-                                f"prompt or max_tokens.", "invalid_request_error", "max_tokens", "request_too_large")
+                                f"prompt or max_tokens.", "invalid_request_error", "max_tokens", "exceeds_token_limit")
         return await self._run(identity, limits, 1, tokens)
 
     async def refund(self, identity: str, requests: int, tokens: int) -> None:

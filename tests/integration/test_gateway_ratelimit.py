@@ -86,7 +86,7 @@ def test_tokens_per_minute_with_refund_and_per_key_limits(redis_url, tiny_artifa
     with running_gateway(settings) as g, httpx.Client(base_url=g.url, timeout=30) as http:
         r = http.post(COMPLETIONS, json=body(4, 506), headers=auth("k2"))  # 510 > 500: can never pass
         err = assert_openai_error(r, 400, "max_tokens")
-        assert err["code"] == "request_too_large" and "500" in err["message"]
+        assert err["code"] == "exceeds_token_limit" and "500" in err["message"]
         with http.stream("POST", COMPLETIONS, json=body(4, 296, True), headers=auth("k2")) as first:
             assert first.status_code == 200
             assert first.headers["x-ratelimit-limit-tokens"] == "500"
@@ -120,7 +120,7 @@ def test_tokens_per_minute_with_refund_and_per_key_limits(redis_url, tiny_artifa
             with http.stream("POST", COMPLETIONS, json=body(4, 6, True), headers=auth("k3")) as c:
                 assert c.status_code == 200, "Retry-After was not long enough"
         metrics = http.get("/metrics").text
-    assert 'spindle_admission_rejections_total{reason="request_too_large"} 1.0' in metrics
+    assert 'spindle_admission_rejections_total{reason="exceeds_token_limit"} 1.0' in metrics
     refusals = float(metrics.split('spindle_admission_rejections_total{reason="rate_limit_tokens"} ')[1].split()[0])
     assert refusals >= 2  # and one per try while the give-back was on its way
 
