@@ -312,6 +312,9 @@ class Idempotent:
         """A keyed stream past the client's ``Last-Event-ID``: stored, or re-attached to its job."""
         after = resume.parse_last_event_id(self.last_event_id, record.rid)
         headers = {REPLAYED_HEADER: "true"}
+        source = "stored response" if not record.pending and record.stored else "event log, then live"
+        log.info("stream %s resumed after %s from its %s", record.rid, after, source,
+                 extra={"request_id": record.rid})
         if not record.pending:
             if record.stored:
                 return sse.EventStreamResponse(_once(resume.events_after(record.body.decode(), after)),

@@ -9,15 +9,18 @@ reaches it live. (tests/drills/test_idempotency.py runs the same promises with r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import time
 import uuid
 
 import httpx
 import openai
 import pytest
 
+from gateway.idempotency import STALE_AFTER_S, fingerprint, scope_of
 from protocol import keys
-from protocol.messages import EventBatch, Job, TokenEvent
+from protocol.messages import EventBatch, IdempotencyMeta, Job, TokenEvent
 from tests.integration.gateway_harness import MODEL, FakeWorker, gateway_settings, running_gateway
 
 PIECES = ["Now", " is", " the", " winter", " of", " our"]
@@ -266,3 +269,29 @@ def test_keys_are_scoped_per_api_key(redis_url, tiny_artifacts, tmp_path, worker
     assert alpha.json()["choices"][0]["text"] == "alpha" and beta.json()["choices"][0]["text"] == "beta"
     assert alpha_again.content == alpha.content and alpha_again.headers["idempotent-replayed"] == "true"
     assert stream.status_code == 404  # not a stream, and not beta's
+
+
+def test_key_left_pending_by_a_dead_gateway_is_claimed_again(gw, worker):
+    """A record still pending well past its deadline (its gateway died) does not block the key for ever."""
+    headers = idem()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 5}
+    raw = json.dumps(body).encode()
+    name = keys.idempotency_key(scope_of("ip:127.0.0.1"),
+                                hashlib.sha256(headers["Idempotency-Key"].encode()).hexdigest()[:32])
+    meta = IdempotencyMeta(kind="text", model=MODEL, gateway_id="gw-dead")
+    worker.r.hset(name, mapping={"fp": fingerprint("POST", "/v1/completions", raw), "rid": "cmpl-dead",
+                                 "state": "pending", "meta": meta.model_dump_json(),
+                                 "deadline": time.time() - STALE_AFTER_S - 1})
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as client:
+            call = asyncio.create_task(client.post(gw.url + "/v1/completions", content=raw,
+                                                   headers={**headers, "Content-Type": "application/json"}))
+            entry, job = await take_job(worker)
+            worker.publish_logged(job, worker.events_for(job, ["ok"], "stop"))
+            worker.finish(job, entry)
+            return await call
+
+    r = asyncio.run(run())
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+    assert worker.r.hget(name, "rid").decode() == r.json()["id"]
