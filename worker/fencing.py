@@ -1,12 +1,15 @@
 """Redis-side fencing: a worker writes for a job only while the job's stream entry is pending under its name.
 
 Who owns a job is already recorded, atomically, by Redis itself: the consumer group's pending entry
-list (PEL) names the consumer each entry was delivered to, and XREADGROUP (first delivery),
-XAUTOCLAIM (takeover) and XCLAIM (lease renewal) change it in one step. So the fence checks that
-record, ``XPENDING <stream> workers <id> <id> 1 <me>`` (one radix-tree lookup in this consumer's
-PEL, O(log n)), inside the same Lua script that does the writes. No separate owner key: a second
-record would have to be set by every claimer in the same step as the claim, and any window between
-the two would let a stale worker write.
+list (PEL) names the consumer each entry was delivered to and counts its deliveries, and XREADGROUP
+(first delivery, count 1), XAUTOCLAIM (takeover, count + 1) and JUSTID XCLAIM (lease renewal, count
+unchanged) change it in one step. So the fence checks that record, ``XPENDING <stream> workers <id>
+<id> 1 <me>`` (one radix-tree lookup in this consumer's PEL, O(log n)), inside the same Lua script
+that does the writes: the entry must be pending under this worker's name *with the delivery count it
+was taken at* (a fencing token: a job this worker lost and later claimed back is a new delivery, so
+what it still held of the old one cannot write either). No separate owner key: a second record would
+have to be set by every claimer in the same step as the claim, and any window between the two would
+let a stale worker write.
 
 Three scripts, each one round trip, each registered once and run with EVALSHA (redis-py reloads
 them after a Redis restart, NOSCRIPT):
@@ -34,26 +37,27 @@ import redis.asyncio as aioredis
 from protocol import keys
 from protocol.messages import EventBatch
 
-# The owner check shared by the scripts. redis.pcall: a missing stream or group (Redis restarted
-# without its data) is "not ours", not an error.
+# The owner check shared by the scripts: pending under ``consumer`` with ``deliveries`` deliveries.
+# redis.pcall: a missing stream or group (Redis restarted without its data) is "not ours", not an error.
 _OWNED = """
-local function owned(stream, group, consumer, id)
+local function owned(stream, group, consumer, id, deliveries)
   local p = redis.pcall('XPENDING', stream, group, id, id, 1, consumer)
-  return type(p) == 'table' and p.err == nil and #p == 1
+  return type(p) == 'table' and p.err == nil and #p == 1 and p[1][4] == tonumber(deliveries)
 end
 """
 
 # KEYS: stream, progress key of job 1..n. ARGV: group, consumer, log ttl ms, batch head, batch tail,
-# then per job: entry id, seq, gateway channel, finished (1/0), event JSON.
+# then per job: entry id, deliveries, seq, gateway channel, finished (1/0), event JSON.
 PUBLISH_LUA = _OWNED + """
 local stream, group, consumer, ttl = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local head, tail = ARGV[4], ARGV[5]
 local fenced, batches, channels = {}, {}, {}
 for i = 2, #KEYS do
-  local a = 6 + (i - 2) * 5
-  local id, seq, channel, finished, event = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local a = 6 + (i - 2) * 6
+  local id, deliveries, seq = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local channel, finished, event = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local log = KEYS[i]
-  if not owned(stream, group, consumer, id) then
+  if not owned(stream, group, consumer, id, deliveries) then
     fenced[#fenced + 1] = {id, 'not_owner'}
   else
     local len = redis.call('LLEN', log)
@@ -80,37 +84,37 @@ end
 return fenced
 """
 
-# KEYS: stream. ARGV: group, consumer, entry ids. Returns the ids no longer ours.
+# KEYS: stream. ARGV: group, consumer, then per job: entry id, deliveries. Returns the ids no longer ours.
 RENEW_LUA = _OWNED + """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local lost = {}
-for i = 3, #ARGV do
-  if owned(stream, group, consumer, ARGV[i]) then
-    redis.call('XCLAIM', stream, group, consumer, 0, ARGV[i], 'JUSTID')
+for a = 3, #ARGV, 2 do
+  if owned(stream, group, consumer, ARGV[a], ARGV[a + 1]) then
+    redis.call('XCLAIM', stream, group, consumer, 0, ARGV[a], 'JUSTID')
   else
-    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = ARGV[a]
   end
 end
 return lost
 """
 
-# KEYS: stream. ARGV: group, consumer, then per job: entry id, field count n, n field names and values
-# (interleaved). Returns the ids no longer ours (not re-queued).
+# KEYS: stream. ARGV: group, consumer, then per job: entry id, deliveries, field count n, n field names
+# and values (interleaved). Returns the ids no longer ours (not re-queued).
 HAND_BACK_LUA = _OWNED + """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local lost, a = {}, 3
 while a <= #ARGV do
-  local id, n = ARGV[a], tonumber(ARGV[a + 1])
-  if owned(stream, group, consumer, id) then
+  local id, n = ARGV[a], tonumber(ARGV[a + 2])
+  if owned(stream, group, consumer, id, ARGV[a + 1]) then
     local fields = {}
-    for j = 1, 2 * n do fields[j] = ARGV[a + 1 + j] end
+    for j = 1, 2 * n do fields[j] = ARGV[a + 2 + j] end
     redis.call('XADD', stream, '*', unpack(fields))
     redis.call('XACK', stream, group, id)
     redis.call('XDEL', stream, id)
   else
     lost[#lost + 1] = id
   end
-  a = a + 2 + 2 * n
+  a = a + 3 + 2 * n
 end
 return lost
 """
@@ -129,6 +133,7 @@ class Write:
     """One job's event of one engine step."""
 
     entry_id: str
+    deliveries: int  # the entry's delivery count when this worker took it (the fencing token)
     request_id: str
     seq: int
     gateway_id: str
@@ -158,23 +163,24 @@ class Fence:
             return {}
         args: list[str | int] = [keys.JOBS_GROUP, self.consumer, self.progress_ttl_ms, self.head, self.tail]
         for w in writes:
-            args += [w.entry_id, w.seq, keys.events_channel(w.gateway_id), int(w.finished), w.event_json]
+            args += [w.entry_id, w.deliveries, w.seq, keys.events_channel(w.gateway_id), int(w.finished),
+                     w.event_json]
         fenced = await self._publish(keys=[stream, *(keys.progress_key(w.request_id) for w in writes)], args=args)
         return {_text(entry): _text(why) for entry, why in fenced}
 
-    async def renew(self, stream: str, entry_ids: list[str]) -> set[str]:
-        """Renew the leases of ``entry_ids`` still ours; the ids that are not."""
-        if not entry_ids:
+    async def renew(self, stream: str, entries: list[tuple[str, int]]) -> set[str]:
+        """Renew the leases of the ``(entry_id, deliveries)`` still ours; the ids that are not."""
+        if not entries:
             return set()
-        lost = await self._renew(keys=[stream], args=[keys.JOBS_GROUP, self.consumer, *entry_ids])
-        return {_text(e) for e in lost}
+        args = [keys.JOBS_GROUP, self.consumer, *(x for entry in entries for x in entry)]
+        return {_text(e) for e in await self._renew(keys=[stream], args=args)}
 
-    async def hand_back(self, stream: str, jobs: list[tuple[str, dict[str, str]]]) -> set[str]:
-        """Re-queue ``(entry_id, new fields)`` for each job still ours; the ids that were not."""
+    async def hand_back(self, stream: str, jobs: list[tuple[str, int, dict[str, str]]]) -> set[str]:
+        """Re-queue ``(entry_id, deliveries, new fields)`` for each job still ours; the ids that were not."""
         if not jobs:
             return set()
         args: list[str | int] = [keys.JOBS_GROUP, self.consumer]
-        for entry_id, fields in jobs:
-            args += [entry_id, len(fields), *(x for kv in fields.items() for x in kv)]
+        for entry_id, deliveries, fields in jobs:
+            args += [entry_id, deliveries, len(fields), *(x for kv in fields.items() for x in kv)]
         lost = await self._hand_back(keys=[stream], args=args)
         return {_text(e) for e in lost}

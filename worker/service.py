@@ -59,6 +59,7 @@ RETRY_CAP_S = 1.0
 class ActiveJob:
     job: Job
     entry_id: str
+    deliveries: int = 1  # the entry's delivery count when we took it: our fencing token (worker/fencing.py)
     received_at: float = field(default_factory=time.time)
     seq: int = 0
     delivered: list[int] = field(default_factory=list)  # token ids already sent to the client
@@ -131,8 +132,9 @@ class ModelServer:
                 for entry_id, fields in entries:
                     await self.accept(entry_id, fields)
 
-    async def accept(self, entry_id: bytes | str, fields: dict, recovered: bool = False) -> None:
-        """Take one stream entry. ``recovered``: a claimed or handed-back job, resumed from its log.
+    async def accept(self, entry_id: bytes | str, fields: dict, recovered: bool = False, deliveries: int = 1) -> None:
+        """Take one stream entry. ``recovered``: a claimed or handed-back job, resumed from its log;
+        ``deliveries``: the entry's delivery count (1 when read from the stream, more when claimed).
 
         Redis failing half-way leaves the entry pending under our name without a lease renewal: it is
         taken over (maybe by us) once CLAIM_IDLE_MS has passed, and resumed from its event log.
@@ -145,7 +147,17 @@ class ModelServer:
             with contextlib.suppress(RedisError):
                 await self.dead_letter(entry_id, f"malformed: {e}", None)
             return
-        active = ActiveJob(job, entry_id)
+        stale = self.jobs.get(job.request_id)
+        if stale is not None or self.thread.owns(job.request_id):
+            # We claimed back a job we lost (a partition) before our old run of it was fenced off: that
+            # run is stale. Stop it; this delivery waits (pending, unrenewed) for the next takeover,
+            # as the engine cannot hold one request id twice.
+            log.warning("job %s claimed again while an earlier run of it is still here; stopping that run",
+                        job.request_id, extra={"request_id": job.request_id})
+            if stale is not None:
+                self.drop(stale)
+            return
+        active = ActiveJob(job, entry_id, deliveries)
         self.last_used = time.monotonic()
         try:
             await self._start(active, recovered)
@@ -183,7 +195,7 @@ class ModelServer:
                                               resume_token_ids=list(job.resume_token_ids),
                                               resume_text_len=active.delivered_chars))
 
-    async def dead_letter(self, entry_id: str, reason: str, job: Job | None) -> None:
+    async def dead_letter(self, entry_id: str, reason: str, job: Job | None, deliveries: int = 1) -> None:
         w = self.worker
         fields = {"stream": self.stream, "entry_id": entry_id, "reason": reason[:500], "worker_id": w.id}
         if job is not None:
@@ -191,7 +203,7 @@ class ModelServer:
         await w.redis.xadd(keys.DEADLETTER_STREAM, fields, maxlen=10_000, approximate=True)
         w.dead_letters += 1
         if job is not None:
-            active = ActiveJob(job, entry_id)
+            active = ActiveJob(job, entry_id, deliveries)
             self.jobs[job.request_id] = active
             await self.finish_early(active, "error", f"job failed on {w.settings.max_deliveries} workers; "
                                     "moved to the dead-letter stream")
@@ -219,9 +231,9 @@ class ModelServer:
                 except Exception:
                     job = None
                 log.error("job %s delivered %d times; dead-lettered", eid, deliveries)
-                await self.dead_letter(eid, f"delivered {deliveries} times", job)
+                await self.dead_letter(eid, f"delivered {deliveries} times", job, deliveries)
                 continue
-            await self.accept(eid, fields, recovered=True)
+            await self.accept(eid, fields, recovered=True, deliveries=deliveries)
 
     async def renew_leases(self) -> None:
         """Reset the idle time of our running jobs so no other worker claims them (no delivery count).
@@ -232,7 +244,7 @@ class ModelServer:
         """
         if not self.jobs:
             return
-        lost = await self.worker.fence.renew(self.stream, [a.entry_id for a in self.jobs.values()])
+        lost = await self.worker.fence.renew(self.stream, [(a.entry_id, a.deliveries) for a in self.jobs.values()])
         for active in [a for a in self.jobs.values() if a.entry_id in lost]:
             log.warning("job %s was taken over by another worker; dropping it here", active.job.request_id,
                         extra={"request_id": active.job.request_id})
@@ -241,7 +253,8 @@ class ModelServer:
     def drop(self, active: ActiveJob) -> None:
         """Forget a job without finishing it: it stays pending in the stream, where its lease runs out
         and a worker (maybe this one) resumes it from its event log."""
-        if self.jobs.pop(active.job.request_id, None) is not None:
+        if self.jobs.get(active.job.request_id) is active:
+            del self.jobs[active.job.request_id]
             self.thread.cancel(active.job.request_id)
             self.capacity.set()
 
@@ -257,7 +270,8 @@ class ModelServer:
             return 0
         # Only jobs still ours: one another worker took over meanwhile must not be queued twice.
         lost = await self.worker.fence.hand_back(self.stream, [
-            (a.entry_id, a.job.model_copy(update={"resume_token_ids": a.delivered}).to_fields()) for a in left])
+            (a.entry_id, a.deliveries, a.job.model_copy(update={"resume_token_ids": a.delivered}).to_fields())
+            for a in left])
         if lost:
             log.warning("%d jobs were taken over by another worker before the hand-back", len(lost))
         return len(left) - len(lost)
@@ -467,7 +481,7 @@ class Worker:
                             worker_id=self.id)
             if active.seq == 0:
                 ev.queue_time = max(0.0, active.received_at - job.created_at)
-            writes.append(Write(active.entry_id, job.request_id, active.seq, job.gateway_id,
+            writes.append(Write(active.entry_id, active.deliveries, job.request_id, active.seq, job.gateway_id,
                                 o.finish_reason is not None, ev.model_dump_json(exclude_defaults=True)))
             active.seq += 1
             active.delivered.extend(o.new_token_ids)

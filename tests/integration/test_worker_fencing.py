@@ -69,7 +69,7 @@ async def test_publish_writes_only_for_the_owner_once_and_without_gaps(r):
     await r.xclaim(STREAM, keys.JOBS_GROUP, "other", 0, [ids[taken.request_id]], justid=True)
 
     def writes(seq: int, finish: str | None = None) -> list[Write]:
-        return [Write(ids[j.request_id], j.request_id, s, GATEWAY, finish is not None, event_json(j, s, finish))
+        return [Write(ids[j.request_id], 1, j.request_id, s, GATEWAY, finish is not None, event_json(j, s, finish))
                 for j, s in ((mine, seq), (taken, seq), (gapped, seq + 1))]
 
     fenced = await fence.publish(STREAM, writes(0))
@@ -99,9 +99,29 @@ async def test_publish_after_the_stream_is_gone_is_fenced(r):
     entry = await deliver(r, "me", job)
     await r.flushall()  # Redis restarted without its data (and without the script: NOSCRIPT reloads it)
     await r.script_flush()
-    fenced = await fence.publish(STREAM, [Write(entry, job.request_id, 0, GATEWAY, False, event_json(job, 0))])
+    fenced = await fence.publish(STREAM, [Write(entry, 1, job.request_id, 0, GATEWAY, False, event_json(job, 0))])
     assert fenced == {entry: "not_owner"}
     assert not await r.exists(keys.progress_key(job.request_id))
+
+
+async def test_a_job_lost_and_claimed_back_fences_off_the_old_run(r):
+    """The delivery count is the fencing token: after losing a job and claiming it back, what the
+    worker still held of its first run (delivery 1) cannot write; the new run (delivery 3) can."""
+    fence = Fence(r, "me", 60_000)
+    job = make_job()
+    entry = await deliver(r, "me", job)
+    await r.xclaim(STREAM, keys.JOBS_GROUP, "other", 0, [entry])  # delivery 2: taken over
+    await r.xclaim(STREAM, keys.JOBS_GROUP, "me", 0, [entry])  # delivery 3: claimed back
+
+    def write(deliveries: int) -> list[Write]:
+        return [Write(entry, deliveries, job.request_id, 0, GATEWAY, False, event_json(job, 0))]
+
+    assert await fence.publish(STREAM, write(1)) == {entry: "not_owner"}
+    assert await fence.renew(STREAM, [(entry, 1)]) == {entry}
+    assert not await r.exists(keys.progress_key(job.request_id))
+    assert await fence.publish(STREAM, write(3)) == {}
+    assert await fence.renew(STREAM, [(entry, 3)]) == set()
+    assert await r.llen(keys.progress_key(job.request_id)) == 1
 
 
 async def test_renew_claims_only_what_is_still_ours(r):
@@ -110,7 +130,7 @@ async def test_renew_claims_only_what_is_still_ours(r):
     a, b = await deliver(r, "me", mine), await deliver(r, "me", taken)
     await r.xclaim(STREAM, keys.JOBS_GROUP, "other", 0, [b], justid=True)
     await asyncio.sleep(0.05)
-    assert await fence.renew(STREAM, [a, b]) == {b}
+    assert await fence.renew(STREAM, [(a, 1), (b, 1)]) == {b}
     owners = {p["message_id"].decode(): (p["consumer"].decode(), p["time_since_delivered"])
               for p in await r.xpending_range(STREAM, keys.JOBS_GROUP, "-", "+", 10)}
     assert owners[a][0] == "me" and owners[a][1] < 50  # renewed: idle time reset
@@ -123,7 +143,7 @@ async def test_hand_back_requeues_only_what_is_still_ours(r):
     a, b = await deliver(r, "me", mine), await deliver(r, "me", taken)
     await r.xclaim(STREAM, keys.JOBS_GROUP, "other", 0, [b], justid=True)
     handed = mine.model_copy(update={"resume_token_ids": [1, 2]})
-    assert await fence.hand_back(STREAM, [(a, handed.to_fields()), (b, taken.to_fields())]) == {b}
+    assert await fence.hand_back(STREAM, [(a, 1, handed.to_fields()), (b, 1, taken.to_fields())]) == {b}
     entries = {e[0].decode(): Job.from_fields(e[1]) for e in await r.xrange(STREAM)}
     assert a not in entries and b in entries and len(entries) == 2
     new = next(j for eid, j in entries.items() if eid != b)
