@@ -9,18 +9,20 @@ finished (a finished job leaves the stream, so the stream's length is the work n
 Every event is also appended to the request's event log (``spindle:progress:<id>``) in the same
 script, so the log and what gateways received never disagree. The script writes only for jobs whose
 stream entry is still pending under this worker's name (fencing): a worker cut off from Redis whose
-jobs were taken over meanwhile writes nothing for them once it is back, and drops them. The log is what makes a dead
-worker's job resumable: a worker that takes the job over (XAUTOCLAIM after ``CLAIM_IDLE_MS``) reads
-the log, continues after the tokens already delivered, and numbers its events from where the log ends;
-gateways drop any duplicate by ``seq``. A live worker renews the lease on its running jobs with a
-JUSTID XCLAIM on every heartbeat, so only jobs of dead workers ever go idle that long. A job delivered
-more than ``MAX_DELIVERIES`` times (it keeps killing workers) goes to the dead-letter stream and its
-client gets an error.
+jobs were taken over meanwhile writes nothing for them once it is back, and drops them.
 
-Redis going away (a restart, a network cut) stops nothing for good: the consumer loop, the reclaimer
-and the pub/sub listeners retry with capped exponential backoff, the heartbeat at its interval (a
-longer pause would make a healthy worker look dead), and a consumer group lost with Redis's data is
-created again.
+The log is what makes a dead worker's job resumable: a worker that takes the job over (XAUTOCLAIM
+after ``CLAIM_IDLE_MS``) reads the log, continues after the tokens already delivered, and numbers its
+events from where the log ends; gateways drop any duplicate by ``seq``. A live worker renews the
+lease on its running jobs with a JUSTID XCLAIM on every heartbeat, so only jobs of dead workers ever go
+idle that long. A job delivered more than ``MAX_DELIVERIES`` times (it keeps killing workers) goes to
+the dead-letter stream and its client gets an error.
+
+Redis going away (a restart, a network cut) stops nothing for good: the consumer loop and the pub/sub
+listeners retry with jittered exponential backoff capped at ``RETRY_CAP_S``, the reclaimer at its
+period, the heartbeat with a backoff capped at its interval (never slower, or a healthy worker would
+look dead); a command on a stale connection is re-sent on a fresh one (``create_redis``);
+a consumer group lost with Redis's data is created again, and jobs lost with it are fenced off.
 """
 
 from __future__ import annotations
@@ -496,7 +498,8 @@ class Worker:
                             extra={"request_id": active.job.request_id})
                 self.fenced += 1
                 server.drop(active)
-            elif o.finish_reason is not None and server.jobs.pop(active.job.request_id, None) is not None:
+            elif o.finish_reason is not None and server.jobs.get(active.job.request_id) is active:
+                del server.jobs[active.job.request_id]
                 server.capacity.set()
 
     def info(self) -> WorkerInfo:
