@@ -52,6 +52,20 @@ STREAM_POLL = 0.5
 STREAM_KEEPALIVE = 10.0
 MAX_WORKER_KEYS = 1000
 
+# What the OpenAPI document says beyond what FastAPI infers (errors: model_manager.errors.documented).
+METRICS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+PROGRESS_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The job's progress: one JobView per line until it ends",
+          "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}}
+JOB_DOC: dict[int | str, dict[str, Any]] = {
+    202: {"model": jobs.JobView, "description": "The job, queued; with stream=true its progress as NDJSON",
+          "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}}
+CONTROL_ERRORS = errors.documented(400, 401, 404, 413, 503)
+IMPORT_BODY_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ImportPathRequest.model_json_schema()},
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in ("application/x-tar", "application/gzip")}}}}
+
 
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with a 413 (Content-Length up front, chunked ones as they arrive).
@@ -235,7 +249,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=errors.documented(503))
     async def ready() -> JSONResponse:
         try:
             await state.redis.ping()
@@ -248,7 +262,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         usage = shutil.disk_usage(settings.artifacts_dir)
         return {"path": str(settings.artifacts_dir), "total": usage.total, "used": usage.used, "free": usage.free}
 
-    @app.get("/status")
+    @app.get("/status", responses=errors.documented(503))
     async def status() -> dict[str, Any]:
         d, counts, models = await asyncio.gather(state.run(disk), state.run(jobs.counts, state.sync),
                                                  state.run(state.store.list))
@@ -256,7 +270,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         return {"status": "ok", "disk": d, "jobs": counts, "models": len(models),
                 "workers": [w.model_dump() for w in workers]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={**METRICS_DOC, **errors.documented(503)})
     async def metrics() -> Response:
         def snapshot() -> dict[str, Any]:
             usage = shutil.disk_usage(settings.artifacts_dir)
@@ -267,7 +281,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     # ---------------------------------------------------------------- models: read
-    @app.get("/models")
+    @app.get("/models", responses=errors.documented(503))
     async def list_models() -> dict[str, Any]:
         def read() -> list[tuple[Manifest, bool]]:
             return [(m, state.store.is_bundled(m.name)) for m in state.store.list()]
@@ -278,7 +292,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
                 for m, bundled in found]
         return {"object": "list", "data": data}
 
-    @app.get("/models/search")
+    @app.get("/models/search", responses=errors.documented(400, 502, 503))
     async def search(q: str = Query(min_length=1, max_length=100), limit: int = Query(20, ge=1, le=100)
                      ) -> dict[str, Any]:
         from huggingface_hub import HfApi, constants
@@ -305,28 +319,28 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
             raise APIError(502, msg, "upstream_error", None, "hub_error") from None
         return {"object": "list", "data": data}
 
-    @app.get("/models/jobs")
+    @app.get("/models/jobs", responses=errors.documented(400, 503))
     async def list_jobs(limit: int = Query(50, ge=1, le=200)) -> dict[str, Any]:
         def go() -> list[dict[str, Any]]:
             return [jobs.view(j, settings.job_stale_seconds).model_dump() for j in jobs.recent(state.sync, limit)]
 
         return {"object": "list", "data": await state.run(go)}
 
-    @app.get("/models/jobs/{job_id}")
+    @app.get("/models/jobs/{job_id}", response_model=jobs.JobView, responses=errors.documented(404, 503))
     async def get_job(job_id: str) -> dict[str, Any]:
         v = await state.job_view(job_id)
         if v is None:
             raise _job_not_found(job_id)
         return v.model_dump()
 
-    @app.get("/models/jobs/{job_id}/stream")
+    @app.get("/models/jobs/{job_id}/stream", responses={**PROGRESS_STREAM, **errors.documented(404, 503)})
     async def job_stream(job_id: str) -> Response:
         v = await state.job_view(job_id)
         if v is None:
             raise _job_not_found(job_id)
         return StreamingResponse(stream_job(job_id), media_type="application/x-ndjson")
 
-    @app.get("/models/{name}")
+    @app.get("/models/{name}", responses=errors.documented(400, 404, 503))
     async def get_model(name: str) -> dict[str, Any]:
         validate_name(name)
         m: Manifest | None = await state.run(state.store.manifest, name)
@@ -337,7 +351,9 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         return ModelView.of(m, bundled, serving.get(name, []), full=True).model_dump()
 
     # ---------------------------------------------------------------- models: mutate
-    @app.post("/models/pull", status_code=202, dependencies=admin)
+    @app.post("/models/pull", status_code=202, dependencies=admin,
+              responses={200: {**JOB_DOC[202], "description": "The same pull was already running: its job"},
+                         **JOB_DOC, **errors.documented(400, 401, 409, 413, 429, 503)})
     async def pull(req: PullRequest) -> Response:
         try:
             validate_repo_id(req.repo_id)
@@ -360,7 +376,8 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
                 raise
             return job_response(running, req.stream, status=200)
 
-    @app.post("/models/import", status_code=202, dependencies=admin)
+    @app.post("/models/import", status_code=202, dependencies=admin, openapi_extra=IMPORT_BODY_DOC,
+              responses={**JOB_DOC, **errors.documented(400, 401, 409, 413, 415, 429, 503)})
     async def import_model(request: Request, name: str | None = Query(None, max_length=128),
                            stream: bool = False) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -402,7 +419,7 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
             raise
         return job_response(v, stream)
 
-    @app.delete("/models/{name}", dependencies=admin)
+    @app.delete("/models/{name}", dependencies=admin, responses=errors.documented(400, 401, 403, 404, 409, 503))
     async def delete_model(name: str, force: bool = False) -> dict[str, Any]:
         validate_name(name)
         path = await state.run(state.store.find, name)
@@ -420,7 +437,8 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         await state.run(_remove_model, state.store, path)
         return {"id": name, "object": "model", "deleted": True, "unloaded_from": workers}
 
-    @app.post("/models/{name}/optimize", status_code=202, dependencies=admin)
+    @app.post("/models/{name}/optimize", status_code=202, dependencies=admin,
+              responses={**JOB_DOC, **errors.documented(400, 401, 404, 409, 413, 429, 503)})
     async def optimize(name: str, req: OptimizeRequest) -> Response:
         validate_name(name)
         try:
@@ -448,11 +466,11 @@ def create_app(settings: ManagerSettings | None = None) -> FastAPI:
         receivers = await state.publish(msg)
         return JSONResponse({"object": "model.control", **msg.model_dump(), "receivers": receivers}, status_code=202)
 
-    @app.post("/models/{name}/load", status_code=202, dependencies=admin)
+    @app.post("/models/{name}/load", status_code=202, dependencies=admin, responses=CONTROL_ERRORS)
     async def load(name: str, req: ControlRequest | None = None) -> JSONResponse:
         return await control("load", name, req)
 
-    @app.post("/models/{name}/unload", status_code=202, dependencies=admin)
+    @app.post("/models/{name}/unload", status_code=202, dependencies=admin, responses=CONTROL_ERRORS)
     async def unload(name: str, req: ControlRequest | None = None) -> JSONResponse:
         return await control("unload", name, req)
 

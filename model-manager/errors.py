@@ -16,9 +16,28 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol.artifacts import InvalidModelName
-from protocol.errors import APIError, error_body, unavailable
+from protocol.errors import APIError, document_validation_errors_as_400, error_body, error_docs, unavailable
 
 log = logging.getLogger("model_manager.errors")
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: wrong types or values, malformed JSON, an invalid model name",
+    401: "Missing or wrong admin API key (when ADMIN_API_KEY is set)",
+    403: "The model is bundled with the code and cannot be deleted",
+    404: "Unknown model or job",
+    409: "The name is taken, a job for it is running, or the model is being served",
+    413: "Request body too large",
+    415: "Unsupported Content-Type",
+    429: "Too many jobs waiting (see Retry-After)",
+    502: "The Hub answered with an error",
+    503: "Redis or the Hub is unavailable (see Retry-After)",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=`` for a route that can answer these error statuses (in the OpenAI error shape)."""
+    return error_docs({s: ERROR_DESCRIPTIONS[s] for s in statuses})
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -100,6 +119,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    document_validation_errors_as_400(app)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(InvalidModelName, _invalid_name)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -62,9 +62,13 @@ def resolve_local(import_dir: Path, path: str) -> Path:
     if target != root and root not in target.parents:
         raise ImportRefused(f"path {path!r} is outside IMPORT_DIR ({import_dir}); only paths below it can be "
                             "imported (or upload a tarball)")
-    if not target.exists():
+    try:
+        exists, usable = target.exists(), target.is_dir() or target.is_file()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ImportRefused(f"path {path!r} cannot be read: {e.strerror}") from None
+    if not exists:
         raise ImportRefused(f"path {path!r} does not exist under IMPORT_DIR")
-    if not (target.is_dir() or target.is_file()):
+    if not usable:
         raise ImportRefused(f"path {path!r} is neither a directory nor a tarball")
     return target
 

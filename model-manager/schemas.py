@@ -1,4 +1,7 @@
-"""Request and response bodies of the model-manager API."""
+"""Request and response bodies of the model-manager API.
+
+Requests are strict, as documented: `"stream": 0` or `"max_perplexity_ratio": "1.5"` is a 400, not converted.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from protocol.artifacts import Manifest
 
 
 class PullRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     repo_id: str = Field(min_length=1, max_length=200, description="Hub repo, e.g. HuggingFaceTB/SmolLM2-135M")
     revision: str = Field("main", min_length=1, max_length=255, description="branch, tag or commit")
@@ -19,7 +22,7 @@ class PullRequest(BaseModel):
 
 
 class ImportPathRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     path: str = Field(min_length=1, max_length=4096, description="directory or tarball below IMPORT_DIR")
     name: str = Field(min_length=1, max_length=128)
@@ -27,7 +30,7 @@ class ImportPathRequest(BaseModel):
 
 
 class OptimizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     passes: list[str] = Field(min_length=1, max_length=4, description="of: safetensors, bf16, fp16, int8")
     max_perplexity_ratio: float | None = Field(None, gt=1.0, le=10.0)
@@ -36,7 +39,7 @@ class OptimizeRequest(BaseModel):
 
 
 class ControlRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     worker_id: str | None = Field(None, min_length=1, max_length=200,
                                   description="one worker; omitted = every worker decides")
