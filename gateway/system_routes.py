@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from gateway.deps import get_gateway
 from gateway.service import Gateway
 from protocol import keys
-from protocol.errors import error_body
+from protocol.errors import ErrorResponse, error_body
 
 router = APIRouter(tags=["System"])
 
@@ -27,7 +27,8 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "Not ready (OpenAI error object plus the checks)"}})
+@router.get("/ready", responses={503: {"model": ErrorResponse,
+                                     "description": "Not ready: the OpenAI error object plus status and checks"}})
 async def ready(gw: Gateway = Depends(get_gateway)) -> Any:
     """Readiness: Redis answers, the event subscription is live, a live worker serves the default model (and
     the default model's tokenizer preload has ended)."""
