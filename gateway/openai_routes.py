@@ -126,7 +126,7 @@ async def list_models(gw: Gateway = Depends(get_gateway), identity: str = Depend
     return {"object": "list", "data": [_model_card(n, manifests.get(n), n in served) for n in names]}
 
 
-@router.get("/v1/models/{model_id}", responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]})
+@router.get("/v1/models/{model_id}", responses={s: ERROR_RESPONSES[s] for s in (401, 404, 503)})
 async def get_model(model_id: str, gw: Gateway = Depends(get_gateway),
                     identity: str = Depends(authenticate)) -> dict[str, Any]:
     """One model's card; 404 if it is neither in the store nor served."""
