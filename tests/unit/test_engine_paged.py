@@ -231,3 +231,27 @@ def test_property_block_accounting_never_leaks(models, events, num_blocks: int, 
     assert not engine.has_work()
     assert finished == set(added)
     assert engine.block_manager.num_used == 0
+
+
+@given(st.lists(st.integers(1, 40), max_size=12), st.integers(0, 6))
+@settings(max_examples=150, deadline=None)
+def test_decode_buckets_are_contiguous_and_optimal(lengths: list[int], cost: int) -> None:
+    """The buckets cover the rows in order, and no split into contiguous buckets gathers fewer padded
+    blocks plus bucket costs (checked against every split by brute force)."""
+    import itertools
+
+    from worker.engine.model_runner import decode_buckets
+
+    lengths = sorted(lengths)
+    got = decode_buckets(lengths, cost)
+    assert [r for s, c in got for r in range(s, s + c)] == list(range(len(lengths)))
+
+    def total(bounds: list[tuple[int, int]]) -> int:
+        return sum(c * lengths[s + c - 1] + cost for s, c in bounds)
+
+    n = len(lengths)
+    best = 0
+    if n:
+        best = min(total([(a, b - a) for a, b in itertools.pairwise([0, *cuts, n])])
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+    assert total(got) == best
