@@ -39,6 +39,7 @@ log = logging.getLogger("gateway.dispatcher")
 MAX_BUFFERED = 1024
 MAX_OUT_OF_ORDER = 4096
 MAX_IN_FLIGHT = 16_384
+RECONNECT_MAX_DELAY = 1.0  # seconds between attempts to resubscribe, at most (before jitter)
 
 
 def merge(into: TokenEvent, ev: TokenEvent) -> None:
@@ -222,10 +223,13 @@ class Dispatcher:
             finally:
                 if self.subscribed.is_set():
                     self.reconnects += 1
+                    delay = 0.1  # it was working: retry soon, as after a first failure
                 self.subscribed.clear()
                 self._fail_all("subscription lost")
             await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            # Capped at 1 s (1.5 s with jitter): one SUBSCRIBE attempt a second is cheap, and the
+            # promise is that service resumes within 5 s of Redis coming back.
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
 
     async def _listen(self) -> None:
         # No retries inside redis-py: a silent reconnect would hide lost events from us.

@@ -106,8 +106,9 @@ class Generation:
                 if idle:
                     raise self._timed_out(f"No tokens from the worker for {s.event_timeout:g}s") from None
                 raise self._timed_out(f"The request did not complete within {s.request_timeout:g}s") from None
-            except APIError:
-                self.cancel_reason = "redis_lost"
+            except APIError as e:
+                # The dispatcher failed this request: Redis was lost, or the gateway's drain ran out.
+                self.cancel_reason = "shutting_down" if e.code == "shutting_down" else "redis_lost"
                 raise
             self._observe(ev)
             if failed(ev):

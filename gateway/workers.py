@@ -19,6 +19,9 @@ from protocol.messages import WorkerInfo
 log = logging.getLogger("gateway.workers")
 
 
+EMPTY_CACHE_SECONDS = 0.2
+
+
 class WorkerRegistry:
     def __init__(self, redis: aioredis.Redis, cache_seconds: float = 1.0, max_workers: int = 4096):
         self.redis = redis
@@ -30,10 +33,10 @@ class WorkerRegistry:
 
     async def live(self) -> list[WorkerInfo]:
         """Every live worker (draining ones included); raises RedisError if Redis is down."""
-        if time.monotonic() - self._at < self.cache_seconds:
+        if self._fresh():
             return self._cached
         async with self._lock:
-            if time.monotonic() - self._at < self.cache_seconds:
+            if self._fresh():
                 return self._cached
             names = []
             async for key in self.redis.scan_iter(match=keys.WORKER_KEY_PATTERN, count=500):
@@ -51,6 +54,12 @@ class WorkerRegistry:
                     log.warning("ignoring malformed worker key %r", name)
             self._cached, self._at = infos, time.monotonic()
             return infos
+
+    def _fresh(self) -> bool:
+        # "No workers" is kept only briefly: right after a Redis restart or a worker start it is the
+        # answer most likely to change, and a full second of it was most of the recovery time.
+        ttl = self.cache_seconds if self._cached else min(self.cache_seconds, EMPTY_CACHE_SECONDS)
+        return time.monotonic() - self._at < ttl
 
     async def serving(self, model: str) -> list[WorkerInfo]:
         """Live workers that serve ``model`` and take new jobs (not draining)."""

@@ -23,7 +23,8 @@ Names follow vLLM where vLLM has one, labelled by ``model_name``, so vLLM dashbo
   ``vllm:request_success_total{finished_reason}`` (stop, length, cancelled);
 - failures: ``llm_engine_errors_total{error_type}`` (engine: a forward or step failed; timeout: the
   deadline passed; request: the engine refused the request, e.g. too long for the KV cache),
-  ``spindle_dead_letters_total``, ``spindle_takeovers_total`` (jobs resumed after their worker died);
+  ``spindle_dead_letters_total``, ``spindle_takeovers_total`` (jobs resumed after their worker died),
+  ``spindle_fenced_jobs_total`` (jobs this worker lost to another and stopped writing);
 - per engine step (measured on the engine thread by ``MeteredEngine``): ``spindle_batch_size`` and
   ``spindle_step_seconds`` histograms;
 - ``spindle_worker_info{worker_id,engine,device,dtype}`` (always 1), ``spindle_worker_draining``,
@@ -387,6 +388,8 @@ class EngineCollector(Collector):
         yield from (running, waiting, kv, queries, hits, preempt, jobs)
         yield CounterMetricFamily("spindle_takeovers", "Jobs resumed after their worker died", value=w.takeovers)
         yield CounterMetricFamily("spindle_dead_letters", "Jobs moved to the dead-letter stream", value=w.dead_letters)
+        yield CounterMetricFamily("spindle_fenced_jobs", "Jobs dropped because Redis refused their writes (another "
+                                  "worker owns them now)", value=w.fenced)
         yield GaugeMetricFamily("spindle_worker_draining", "1 while the worker drains (SIGTERM)",
                                 value=1 if w.draining else 0)
         first = next(iter(list(w.servers.values())), None)

@@ -477,7 +477,8 @@ class Worker:
             observed.append((active, o))
             job = active.job
             ev = TokenEvent(request_id=job.request_id, seq=active.seq, token_ids=o.new_token_ids,
-                            text=o.new_text, finish_reason=o.finish_reason, error=o.error,
+                            text=o.new_text, finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                            error=o.error,
                             prompt_tokens=o.num_prompt_tokens or len(job.prompt_token_ids),
                             completion_tokens=o.num_generated_tokens, logprobs=o.logprobs,
                             worker_id=self.id)

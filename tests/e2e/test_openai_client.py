@@ -105,7 +105,7 @@ def test_completion_streaming_concatenates_to_non_streaming(client):
     assert streamed == full
 
 
-def test_stop_string_is_honoured(client):
+def test_stop_string_is_honoured(client, system):
     kwargs = dict(model=MODEL, prompt="HAMLET:\n", max_tokens=30, temperature=0)
     full = client.completions.create(**kwargs).choices[0].text
     words = [w for w in full.split() if len(w) >= 3]
@@ -114,6 +114,11 @@ def test_stop_string_is_honoured(client):
     cut = client.completions.create(stop=[stop], **kwargs).choices[0]
     assert cut.text == full[: full.index(stop)]
     assert cut.finish_reason == "stop"
+    # The worker says which stop string ended it; llama.cpp's /completion reports it as a "word" stop.
+    lc = httpx.post(system.gateway + "/completion", json={"model": MODEL, "prompt": "HAMLET:\n", "n_predict": 30,
+                                                          "temperature": 0, "stop": [stop]}, timeout=120).json()
+    assert lc["content"] == cut.text
+    assert lc["stop_type"] == "word" and lc["stopping_word"] == stop
 
 
 def test_bad_requests_get_openai_errors(client, system):

@@ -160,7 +160,8 @@ class OutputProcessor:
             seq.finish_reason = reason
         out = EngineOutput(
             request_id=seq.request_id, new_token_ids=[token], new_text=text, finish_reason=reason,
-            stop_reason=seq.detok.stop_string if seq.detok.stopped else None, num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=len(seq.output_ids),
+            stop_reason=seq.detok.stop_string if seq.detok.stopped else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=len(seq.output_ids),
             first_token_time=seq.first_token_time if first else None,
         )
         if sampled.logprob is not None:
