@@ -279,8 +279,8 @@ class ModelServer:
         return len(left) - len(lost)
 
     async def finish_early(self, active: ActiveJob, reason: str, error: str | None) -> None:
-        out = EngineOutput(active.job.request_id, [], "", reason, len(active.job.prompt_token_ids), 0,
-                           error=error)  # type: ignore[arg-type]
+        out = EngineOutput(active.job.request_id, [], "", reason,  # type: ignore[arg-type]
+                           num_prompt_tokens=len(active.job.prompt_token_ids), error=error)
         try:
             await self.worker.publish(self, [out])
         except RedisError:

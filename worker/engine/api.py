@@ -37,12 +37,12 @@ class EngineOutput:
     new_token_ids: list[int]
     new_text: str  # incremental, UTF-8 safe, stop strings already cut
     finish_reason: FinishReason | None = None
-    stop_reason: str | None = None  # with finish_reason "stop": the stop string (None: EOS or a stop token)
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # total so far
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     first_token_time: float | None = None  # monotonic time of the first token, on the first output
+    stop_reason: str | None = None  # with finish_reason "stop": the stop string (None: EOS or a stop token)
 
 
 @dataclass
