@@ -75,9 +75,10 @@ class TrainConfig:
     chat_every: int = 8  # one chat example per this many consecutive speech pairs
     seq_len: int = 256
     # The last long_fraction of the steps use windows of long_seq_len (same tokens per step), so
-    # positions past seq_len are trained too and long prompts do not fall off a cliff.
+    # positions past seq_len are trained too and long prompts do not fall off a cliff. The bundled
+    # weights were trained with 0 (256-token windows only); --long-fraction 0.2 is the next retrain.
     long_seq_len: int = 1024
-    long_fraction: float = 0.2
+    long_fraction: float = 0.0
     batch_size: int = 16
     steps: int = 500
     lr: float = 3e-3
@@ -421,12 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=defaults.warmup_steps)
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--threads", type=int, default=defaults.threads)
+    ap.add_argument("--long-fraction", type=float, default=defaults.long_fraction,
+                    help="share of the last steps trained on 1024-token windows (0 = 256-token windows only)")
     args = ap.parse_args(argv)
     if args.steps == 0 and not args.minutes:
         ap.error("--steps 0 needs --minutes")
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      warmup_steps=args.warmup,
-                      threads=args.threads)
+                      warmup_steps=args.warmup, threads=args.threads, long_fraction=args.long_fraction)
 
     import torch
     import transformers
