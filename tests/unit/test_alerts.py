@@ -115,3 +115,24 @@ def test_metric_names_of_an_expression():
             '{job="gateway", model_name=~"$model"}[$__rate_interval]))) > 2 and on() up == 0 '
             'or vector(0) / scalar(max(spindle_queue_capacity{job="gateway"}))')
     assert metric_names(expr) == {"vllm:time_to_first_token_seconds_bucket", "up", "spindle_queue_capacity"}
+
+
+def test_k8s_scrape_config_names_jobs_after_the_components():
+    """On Kubernetes the alerts' job="gateway" / job=~"worker.*" must match: the scrape config relabels
+    `job` from each pod's component label, and every scraped Deployment carries one of those names."""
+    # (promtool cannot check this file here: Debian builds it without the kubernetes service discovery.)
+    config = yaml.safe_load((PROM / "prometheus-k8s.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    relabels = config["scrape_configs"][0]["relabel_configs"]
+    assert {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"], "action": "replace",
+            "target_label": "job"} in relabels
+    components = set()
+    for path in (REPO_ROOT / "deploy/k8s/base").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Deployment":
+                template = doc["spec"]["template"]["metadata"]
+                if template.get("annotations", {}).get("prometheus.io/scrape") == "true":
+                    components.add(template["labels"]["app.kubernetes.io/component"])
+    assert components == {"gateway", "worker", "model-manager"}
+    jobs_in_alerts = set(re.findall(r'job=~?"([^"]+)"', (PROM / "alerts.yml").read_text()))
+    assert all(any(re.fullmatch(j, c) for c in components) for j in jobs_in_alerts), jobs_in_alerts
