@@ -106,6 +106,12 @@ def test_replay_mismatch_and_concurrent_duplicates(system):
     assert other.json()["error"]["code"] == "idempotency_key_reused"
     assert set(other.json()["error"]) == {"message", "type", "param", "code"}
 
+    print(f"\ndrill 7 (idempotency): replay identical: {again.content == first.content}, other body -> "
+          f"{other.status_code}, {DUPLICATES} concurrent duplicates -> "
+          f"statuses {sorted({d.status_code for d in dups})}, "
+          f"{len({d.content for d in dups})} distinct body, "
+          f"{sum('idempotent-replayed' not in d.headers for d in dups)} computed, "
+          f"{len(event_logs(r) - before)} job(s) run")
     assert [d.status_code for d in dups] == [200] * DUPLICATES
     assert len({d.content for d in dups}) == 1
     assert sum("idempotent-replayed" not in d.headers for d in dups) == 1  # one ran, the others waited
