@@ -1,4 +1,4 @@
-"""oneDNN-packed linear layers: same numbers as ``F.linear`` (to float32 rounding), every linear of
+"""oneDNN-packed linear layers: same numbers as ``F.linear`` (to float32 or bf16 rounding), every linear of
 Llama- and GPT-2-family models swapped, and the model's logits unchanged."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.cpu_linear import PackedLinear, can_pack, maybe_pack
-from worker.engine.loader import load_model
+from worker.engine.loader import cpu_has_fast_bf16, load_model
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch")
 
@@ -46,9 +46,31 @@ def test_whole_model_packed_gives_the_same_logits(tiny_artifacts, name: str) -> 
     assert maybe_pack(model)  # packing twice is a no-op
 
 
-def test_not_packed_when_disabled_or_not_float32(tiny_artifacts) -> None:
+def test_not_packed_when_disabled_or_float16(tiny_artifacts) -> None:
     model, _ = load_model(tiny_artifacts / "tiny-llama", "cpu", "float32")
     assert not maybe_pack(model, enabled=False)
-    half, _ = load_model(tiny_artifacts / "tiny-llama", "cpu", "bfloat16")
+    half, _ = load_model(tiny_artifacts / "tiny-llama", "cpu", "float16")
     assert not maybe_pack(half)
     assert not any(isinstance(m, PackedLinear) for m in [*model.modules(), *half.modules()])
+
+
+def test_bfloat16_packed_only_where_the_cpu_has_native_bf16(tiny_artifacts) -> None:
+    model, _ = load_model(tiny_artifacts / "tiny-llama", "cpu", "bfloat16")
+    ref, _ = load_model(tiny_artifacts / "tiny-llama", "cpu", "bfloat16")
+    assert maybe_pack(model) == cpu_has_fast_bf16()
+    if not cpu_has_fast_bf16():
+        return
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.inference_mode():  # bf16 rounding: another summation order moves logits by ~1e-2
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="no native bf16 on this CPU")
+@pytest.mark.parametrize("rows", [1, 32])
+def test_bfloat16_packed_linear_matches_f_linear(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(96, 80, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(rows, 80, generator=g).bfloat16()
+    got = PackedLinear(w, b)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=0.02, atol=0.1)

@@ -70,3 +70,20 @@ def prompts_for(tokenizer: Any, n: int, seed: int = 0, min_len: int = 3, max_len
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         out.append(torch.randint(5, vocab, (length,), generator=g).tolist())
     return out
+
+
+def greedy_margins(model: Any, prompt: list[int], tokens: list[int]) -> list[float]:
+    """How far below the best token each of ``tokens`` is, in logits of ``model`` (float32), when the
+    sequence ``prompt + tokens`` is fed to it at once (teacher forcing). 0 means it was the argmax.
+
+    Exact token equality is the check in float32. In bf16 two correct implementations round
+    differently (another summation order in attention, packed batches) and part ways at the first
+    near-tie, so there the check is that every token an engine picked greedily was a (near-)argmax
+    of a float32 reference given the same history: a wrong cache or mask gives margins of whole logits.
+    """
+    ids = torch.tensor([prompt + tokens], dtype=torch.long)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0].float()
+    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+    picked = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    return (rows.max(dim=1).values - picked).tolist()

@@ -1,19 +1,26 @@
-"""Pre-packed oneDNN weights for the linear layers of a float32 model on the CPU.
+"""Pre-packed oneDNN weights for the linear layers of a float32 or bfloat16 model on the CPU.
 
-Why: at decode batch sizes a CPU step is mostly matrix-vector work over the weights, and the
-default float32 path (MKL ``addmm`` on an unpacked ``[out, in]`` weight) reads them at ~12 GB/s on
-the AMD hosts we measured. oneDNN with the weight reordered once into its blocked layout, the
-same call torch's inductor emits for CPU linears, was measured on a 2-core AVX2 EPYC for a
-1536 x 576 float32 weight (40 of them, beyond the L3) at 160 / 240 / 479 / 2,750 us for batch
-1 / 8 / 32 / 256 rows, against 280 / 401 / 693 / 3,027 us for ``F.linear``: 1.1-1.75x, most at
-batch 1. The numbers are not bit-identical with ``F.linear`` (different summation order, ~1e-6
-relative), which is within what two BLAS builds differ by.
+Why: at decode batch sizes a CPU step is mostly matrix-vector work over the weights. The default
+path (``F.linear`` on an unpacked ``[out, in]`` weight: MKL for float32, a slower generic route for
+bfloat16) reads them well below memory bandwidth. oneDNN with the weight reordered once into its
+blocked layout, the same call torch's inductor emits for CPU linears, was measured for a 1536 x 576
+weight (40 of them, beyond the L3), per call:
+
+| rows | float32 `F.linear` / packed (AVX2 EPYC) | bfloat16 `F.linear` / packed (AMX Xeon) |
+|---|---|---|
+| 1 | 280 / 160 us | 142 / 83 us |
+| 8 | 401 / 240 us | 138 / 80 us |
+| 32 | 693 / 479 us | 447 / 114 us |
+| 256 | 3,027 / 2,750 us | 325 / 248 us |
+
+The numbers are not bit-identical with ``F.linear`` (another summation order), which is within
+what two BLAS builds differ by.
 
 How: every ``nn.Linear`` (and GPT-2's ``Conv1D``) module is swapped for a ``PackedLinear`` that
 holds the packed weight; the model's own code is unchanged and calls the module as before. Tied
 output embeddings keep their embedding: the LM head gets a packed copy (``vocab x hidden`` more
-floats; 113 MB for SmolLM2-135M). Only float32 on the CPU: bfloat16 oneDNN needs AVX512-BF16/AMX,
-which the machines we could measure on lack, so it is left to ``F.linear`` until measured.
+elements; 113 MB in float32 for SmolLM2-135M). bfloat16 is packed only where the CPU runs it
+natively (AVX512-BF16 or AMX); without those instructions oneDNN would emulate it.
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    from worker.engine.loader import cpu_has_fast_bf16
+
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or not hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_fast_bf16())
 
 
 class PackedLinear(nn.Module):
@@ -59,12 +70,12 @@ def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def pack_linear_weights(model: nn.Module) -> int:
-    """Swap the model's float32 linear layers for ``PackedLinear`` in place; returns how many."""
+    """Swap the model's CPU linear layers whose dtype ``can_pack`` for ``PackedLinear`` in place; returns how many."""
     swaps: list[tuple[nn.Module, str, PackedLinear]] = []
     for parent in model.modules():
         for name, child in parent.named_children():
             wb = _weight_and_bias(child)
-            if wb is None or wb[0].dtype != torch.float32 or wb[0].device.type != "cpu":
+            if wb is None or not can_pack(wb[0].device, wb[0].dtype):
                 continue
             swaps.append((parent, name, PackedLinear(*wb)))
     for parent, name, packed in swaps:
@@ -74,7 +85,7 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 
 def maybe_pack(model: Any, enabled: bool = True) -> bool:
-    """Pack when ``enabled`` and the model is float32 on the CPU; True if it did."""
+    """Pack when ``enabled`` and the model is on the CPU in a dtype ``can_pack``; True if it did."""
     param = next(model.parameters())
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         return True  # already packed (an engine built twice on one model)

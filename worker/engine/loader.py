@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -34,6 +35,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run natively (2-3x fp32 on the machines we measured)."""
     try:
