@@ -35,6 +35,17 @@ SYSTEMS = {
 }
 BASELINES = {"hf_static": 2.0, "hf_cb": 3.0, "hf_sequential": 10.0}  # target ratios engine / baseline
 BATCH1_TARGET = 1.5
+# How the systems' OpenMP threads wait between parallel regions (see worker/engine/__init__.py).
+OMP_WAIT = {"spin": "GOMP_SPINCOUNT=300000", "passive": "OMP_WAIT_POLICY=PASSIVE", "inherit": "as inherited"}
+
+
+def omp_env(env: dict[str, str], wait: str) -> dict[str, str]:
+    if wait != "inherit":
+        env.pop("OMP_WAIT_POLICY", None)
+        env.pop("GOMP_SPINCOUNT", None)
+        name, value = OMP_WAIT[wait].split("=")
+        env[name] = value
+    return env
 HTTP_TARGET = 0.9  # the system over HTTP against the engine in-process
 
 
@@ -115,9 +126,7 @@ def spawn(system: str, workload: str, args: argparse.Namespace) -> dict:
         cmd.append("--quick")
     print(f"[bench] {workload:6s} {system:14s} ...", end="", flush=True)
     t0 = time.time()
-    env = dict(os.environ)
-    if args.omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    env = omp_env(dict(os.environ), args.omp_wait)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=args.time_limit * 2 + 600)
     if proc.returncode != 0:
@@ -164,7 +173,7 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Engine benchmark{' (quick)' if report['quick'] else ''}", "",
              f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}, transformers {env['transformers']}, "
-             f"dtype {env['dtype']}, OMP_WAIT_POLICY={env.get('omp_wait_policy') or 'default'}, "
+             f"dtype {env['dtype']}, OpenMP wait {env.get('omp_wait', '?')} ({OMP_WAIT.get(env.get('omp_wait'), '')}), "
              f"load average at start {env['loadavg_start']}, at end {env['loadavg_end']}. "
              "Random weights in the shape of SmolLM2-135M; greedy; EOS ignored. Peak RSS is each system's "
              "process; for the HTTP system it is gateway + worker + Redis together.", ""]
@@ -259,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory", default="512MiB")
     ap.add_argument("--nice", type=int, default=10, help="niceness of the benchmark processes")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE",
-                    help="OMP_WAIT_POLICY for every system (PASSIVE: OpenMP threads sleep instead of spinning; "
-                         "on a shared 2-core host spinning made float32 GEMMs ~16x slower); '' = inherit")
+    ap.add_argument("--omp-wait", choices=sorted(OMP_WAIT), default="spin",
+                    help="how every system's OpenMP threads wait: spin (libgomp's default, GOMP_SPINCOUNT=300000: "
+                         "fastest when each system has the cores to itself, as here), passive (OMP_WAIT_POLICY="
+                         "PASSIVE, the worker's default: never collapses on shared cores), inherit")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--resume", action="store_true", help="keep the systems a killed run already finished")
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     workloads = [w.strip() for w in (args.workloads or "mixed,long,batch1").split(",") if w.strip()]
     env = environment(args.dtype)
     env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    env["omp_wait_policy"] = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY", "")
+    env["omp_wait"] = args.omp_wait
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("engine-quick" if args.quick else "engine")
     partial = Path(f"{stem}.partial.json")

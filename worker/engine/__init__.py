@@ -7,12 +7,16 @@ artifact directory, and ``engine_thread.EngineThread`` to run it on its own thre
 import os
 import sys
 
-# OpenMP threads that spin while waiting collapse when the cores are shared (measured on a 2-core
-# host with other busy processes: a float32 [32x576]@[576x1536] matmul took 18 ms spinning, 1.2 ms
-# with PASSIVE). The runtime reads this when torch is first imported, so it only takes effect if
-# the engine package is imported before torch, as the worker does; an explicit setting wins.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that spin while waiting collapse when the cores are shared: on a 2-core host with
+# one other busy process, batch-1 decode fell to 1.3 tok/s with libgomp's default spinning against
+# 21 tok/s with PASSIVE. On an idle host spinning is faster (31 against 16 tok/s at batch 1, +11%
+# tokens/s on the benchmark's mixed workload): waking a sleeping thread costs ~50-100 us per
+# parallel region on these VMs. So PASSIVE is the default, and a host that gives the worker its
+# cores sets ``GOMP_SPINCOUNT`` (e.g. 300000, libgomp's own default) or ``OMP_WAIT_POLICY``.
+# The runtime reads these when torch is first imported, so this only takes effect if the engine
+# package is imported before torch, as the worker does; an explicit setting wins.
+if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from worker.engine.api import Engine, EngineOutput, EngineRequest, EngineStats
 from worker.engine.engine_thread import EngineThread
