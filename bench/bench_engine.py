@@ -93,7 +93,7 @@ def run_one(args: argparse.Namespace) -> None:
             result["fleet_peak_rss_mb"] = round(fleet_rss / 1024**2, 1)
             runner = None
         elif args.run_one == "engine":
-            target = load_engine("paged", args.model_dir, "cpu", args.dtype, settings)
+            target = functools.partial(load_engine, "paged", args.model_dir, "cpu", args.dtype, settings)
             runner = systems.run_engine
         else:
             target = systems.load_hf(args.model_dir, dtype)

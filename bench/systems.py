@@ -163,8 +163,9 @@ def run_hf_continuous(model: Any, wl: Workload, deadline_s: float, kv_bytes: int
     return list(timings.values()), start, end
 
 
-def run_engine(engine: Any, wl: Workload, deadline_s: float) -> tuple[list[RequestTiming], float, float]:
-    """4. This engine in-process, on its own thread (as the worker runs it)."""
+def run_engine(build: Any, wl: Workload, deadline_s: float) -> tuple[list[RequestTiming], float, float]:
+    """4. This engine in-process, built by ``build()`` on its own thread and stepped there (as the worker
+    runs it: one thread does all of its torch work, see worker/engine/engine_thread.py)."""
     from protocol.messages import SamplingParams
     from worker.engine.api import EngineRequest
     from worker.engine.engine_thread import EngineThread
@@ -184,7 +185,8 @@ def run_engine(engine: Any, wl: Workload, deadline_s: float) -> tuple[list[Reque
         if len(finished) >= len(wl.requests):
             all_done.set()
 
-    thread = EngineThread(engine, on_outputs).start()
+    thread = EngineThread.launch(build, on_outputs)
+    thread.wait_ready()
     try:
         warm = threading.Event()
         thread.on_outputs = lambda outs: warm.set() if any(o.finish_reason for o in outs) else None

@@ -66,7 +66,7 @@ class ChunkMaker:
                                      "created": created, "model": model, "system_fingerprint": None}
         self.chat = chat
         self.include_usage = include_usage
-        self.text_offset = 0
+        self.text_offset: dict[int, int] = {}  # per choice
 
     def _wrap(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = {**self.base, "choices": choices}
@@ -74,21 +74,31 @@ class ChunkMaker:
             out["usage"] = None
         return out
 
-    def role(self) -> dict[str, Any]:
-        return self._wrap([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    def role(self, index: int = 0) -> dict[str, Any]:
+        return self._wrap([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}])
 
-    def content(self, text: str, logprobs: list[TokenLogprob] | None, finish_reason: str | None = None
-                ) -> dict[str, Any]:
+    def content(self, text: str, logprobs: list[TokenLogprob] | None, finish_reason: str | None = None,
+                index: int = 0) -> dict[str, Any]:
         if self.chat:
             delta = {"content": text} if text or finish_reason is None else {}
-            choice = {"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs),
+            choice = {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs),
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": completion_logprobs(logprobs, self.text_offset),
+            offset = self.text_offset.get(index, 0)
+            choice = {"index": index, "text": text, "logprobs": completion_logprobs(logprobs, offset),
                       "finish_reason": finish_reason}
-            self.text_offset += len(text)
+            self.text_offset[index] = offset + len(text)
         return self._wrap([choice])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self.base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def merge_choices(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One response with ``n`` choices from ``n`` one-choice responses to the same prompt: choice
+    ``i`` comes from body ``i``; the prompt is counted once in the usage, the completions summed."""
+    first = bodies[0]
+    completion = sum(b["usage"]["completion_tokens"] for b in bodies)
+    return {**first, "choices": [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)],
+            "usage": usage(first["usage"]["prompt_tokens"], completion)}

@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from gateway import idempotency, resume
+from gateway import choices, idempotency, resume
 from gateway import openai_format as fmt
 from gateway.deps import authenticate, get_gateway
+from gateway.errors import bad_request
 from gateway.idempotency import Idempotent, respond_json, respond_stream, submitted
 from gateway.middleware import arrival_of, request_id_of
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
@@ -40,9 +41,21 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 async def _serve(request: Request, gw: Gateway, identity: str, idem: Idempotent | None, tok: ModelTokenizer,
                  prompt_ids: list[int], params: SamplingParams, *, chat: bool, stream: bool,
-                 include_usage: bool) -> Response:
-    """Submit the job (holding the Idempotency-Key first, if there is one) and answer it."""
+                 include_usage: bool, n: int = 1) -> Response:
+    """Submit the job (holding the Idempotency-Key first, if there is one) and answer it; ``n`` > 1:
+    one job per choice (gateway/choices.py)."""
     rid, created = fmt.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    render = fmt.chat_completion if chat else fmt.text_completion
+    if n > 1:
+        if idem is not None:
+            raise bad_request("Idempotency-Key is not supported with n > 1", param="n", code="unsupported_with_n")
+        gens = await choices.submit_choices(gw, n, tok=tok, prompt_ids=prompt_ids, params=params, request_id=rid,
+                                            identity=identity, arrival=arrival_of(request.scope),
+                                            client_request_id=request_id_of(request.scope))
+        if stream:
+            return choices.respond_stream(gens, fmt.ChunkMaker(rid, tok.name, created, chat, include_usage),
+                                          len(prompt_ids))
+        return await choices.respond_json(request, gens, lambda out: render(rid, tok.name, created, out))
     if idem is not None:
         meta = IdempotencyMeta(kind="chat" if chat else "text", stream=stream, model=tok.name, created=created,
                                include_usage=include_usage, prompt_tokens=len(prompt_ids),
@@ -56,7 +69,6 @@ async def _serve(request: Request, gw: Gateway, identity: str, idem: Idempotent 
     if stream:
         chunks = fmt.ChunkMaker(rid, tok.name, created, chat, include_usage)
         return respond_stream(idem, gen, resume.openai_stream(gen.events(), chunks, gen.prompt_tokens))
-    render = fmt.chat_completion if chat else fmt.text_completion
     return await respond_json(idem, request, gen, lambda out: render(rid, tok.name, created, out))
 
 
@@ -74,7 +86,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, gw: Ga
                                     "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     params = body.sampling(max_tokens, logprobs=body.num_logprobs)
     return await _serve(request, gw, identity, idem, tok, prompt_ids, params, chat=True, stream=body.stream,
-                        include_usage=body.include_usage)
+                        include_usage=body.include_usage, n=body.n)
 
 
 @router.post("/v1/completions", response_model=None, responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
@@ -90,7 +102,7 @@ async def completions(body: CompletionRequest, request: Request, gw: Gateway = D
     max_tokens = gw.plan_max_tokens(tok, len(prompt_ids), body.max_tokens, "max_tokens")
     params = body.sampling(max_tokens, logprobs=body.logprobs)
     return await _serve(request, gw, identity, idem, tok, prompt_ids, params, chat=False, stream=body.stream,
-                        include_usage=body.include_usage)
+                        include_usage=body.include_usage, n=body.n)
 
 
 @router.get("/v1/streams/{stream_id}", response_model=None,

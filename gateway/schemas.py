@@ -2,8 +2,8 @@
 ``/completion``.
 
 Models are strict (``"5"`` is not an integer, ``true`` is not a number) and ignore unknown fields,
-like OpenAI's API. Features we do not implement (``n > 1``, tools, JSON mode, logit_bias, echo,
-suffix, best_of > 1, non-text content parts) are rejected with a 400 naming the field rather than
+like OpenAI's API. Features we do not implement (tools, JSON mode, logit_bias, echo, suffix,
+best_of > 1, non-text content parts) are rejected with a 400 naming the field rather than
 silently ignored.
 """
 
@@ -101,25 +101,26 @@ class SamplingFields(_Strict):
                               logprobs=logprobs, **values)
 
 
-def _only_n_1(v: int) -> int:
+# Choices per request (OpenAI allows up to 128); each is one job, so this also bounds the fan-out.
+MAX_CHOICES = 16
+
+
+def _only_1(v: int) -> int:
     if v != 1:
-        raise ValueError("only n=1 is supported")
+        raise ValueError("only best_of=1 is supported")
     return v
 
 
 class _OpenAIFields(SamplingFields):
     model: str | None = Field(None, description="Model name; the gateway's default model when omitted")
     max_tokens: MaxTokens | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for the prompt; each is a job of "
+                   "its own (a queue slot, a concurrency slot and its tokens in the rate limits); with a seed, "
+                   "choice i samples with seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        return _only_n_1(v)
 
     @field_validator("logit_bias")
     @classmethod
@@ -240,7 +241,7 @@ class CompletionRequest(_OpenAIFields):
     @classmethod
     def _best_of(cls, v: int | None) -> int | None:
         if v is not None:
-            _only_n_1(v)
+            _only_1(v)
         return v
 
     def prompt_value(self) -> str | list[int]:

@@ -36,10 +36,9 @@ async def serve(settings: WorkerSettings) -> None:
     worker = Worker(settings, loader=load)
     for model in settings.served_models():
         try:
-            engine, device, dtype = await asyncio.to_thread(load, model)
+            await worker.launch_model(model)
         except LookupError as e:
             raise SystemExit(str(e)) from e
-        worker.add_model(model, engine, device, dtype)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -34,6 +34,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -80,7 +81,9 @@ async def ensure_group(r: aioredis.Redis, stream: str) -> None:
 class ModelServer:
     """One model on this worker: its engine thread, its stream, its jobs in flight."""
 
-    def __init__(self, worker: Worker, model: str, engine: Engine, device: str = "cpu", dtype: str = ""):
+    def __init__(self, worker: Worker, model: str, engine: Engine, device: str = "cpu", dtype: str = "",
+                 thread: EngineThread | None = None):
+        """``thread``: the engine's thread when it was built there (``Worker.load_model``); else one is made."""
         self.worker = worker
         self.model = model
         self.engine = engine
@@ -93,10 +96,14 @@ class ModelServer:
         self.stopping = False
         self.last_used = time.monotonic()
         loop = asyncio.get_running_loop()
-        self.thread = EngineThread(
-            worker.metrics.metered(engine, model),
-            lambda outs: loop.call_soon_threadsafe(worker.outputs.put_nowait, (self, outs)),
-            name=f"engine-{model}")
+
+        def on_outputs(outs: list[EngineOutput]) -> None:
+            loop.call_soon_threadsafe(worker.outputs.put_nowait, (self, outs))
+
+        if thread is None:
+            thread = EngineThread(worker.metrics.metered(engine, model), on_outputs, name=f"engine-{model}")
+        thread.on_outputs = on_outputs
+        self.thread = thread
 
     @property
     def free_slots(self) -> int:
@@ -359,13 +366,31 @@ class Worker:
         self._control_tasks: set[asyncio.Task] = set()
         self.metrics = WorkerMetrics(self)
 
-    def add_model(self, model: str, engine: Engine, device: str = "cpu", dtype: str = "") -> ModelServer:
-        server = ModelServer(self, model, engine, device, dtype)
-        server.thread.start()
+    def add_model(self, model: str, engine: Engine, device: str = "cpu", dtype: str = "",
+                  thread: EngineThread | None = None) -> ModelServer:
+        server = ModelServer(self, model, engine, device, dtype, thread)
+        if not server.thread.alive:
+            server.thread.start()
         self.servers[model] = server
         if self._tasks:  # already running: start consuming right away
             server.consumer = asyncio.create_task(server.consume(), name=f"consume-{model}")
         return server
+
+    async def launch_model(self, model: str) -> ModelServer:
+        """Load ``model`` on the thread that will run its engine (one OpenMP team: engine_thread.py)
+        and serve it; raises what the loader raised."""
+        assert self.loader is not None
+        loader = self.loader
+        built: dict[str, Any] = {}
+
+        def build() -> Engine:
+            engine, built["device"], built["dtype"] = loader(model)
+            built["engine"] = engine
+            return self.metrics.metered(engine, model)
+
+        thread = EngineThread.launch(build, name=f"engine-{model}")
+        await asyncio.to_thread(thread.wait_ready)
+        return self.add_model(model, built["engine"], built["device"], built["dtype"], thread)
 
     async def load_model(self, model: str) -> bool:
         """Load ``model`` (in a thread) and start serving it; False when declined."""
@@ -374,8 +399,7 @@ class Worker:
         if self.loader is None or len(self.servers) >= self.settings.max_models:
             log.info("declining to load %s (%d/%d models)", model, len(self.servers), self.settings.max_models)
             return False
-        engine, device, dtype = await asyncio.to_thread(self.loader, model)
-        self.add_model(model, engine, device, dtype)
+        await self.launch_model(model)
         await self.heartbeat_once()
         log.info("loaded %s", model, extra={"model": model})
         return True

@@ -120,3 +120,17 @@ def test_native_generate_and_llamacpp_completion(system):
         lines = [line for line in s.iter_lines() if line]
     assert lines[0] == "event: ttft" and any(line == "event: done" for line in lines)
     json.loads(lines[1].removeprefix("data:").strip())
+
+
+def test_n_choices_with_a_seed_differ_and_reproduce(client):
+    """n=3: three jobs, one prompt (computed once per worker, the rest from the prefix cache); with a
+    seed, choice i samples with seed + i, so the choices differ and the same request repeats them."""
+    kwargs = dict(model=MODEL, prompt="KING HENRY:\n", max_tokens=8, temperature=1.0, seed=11, n=3)
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in again.choices]
+    assert len(set(texts)) == 3
+    assert 3 <= first.usage.completion_tokens <= 24
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens

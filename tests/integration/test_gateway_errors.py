@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.gateway_harness import MODEL, FakeWorker, gateway_settings, running_gateway
+from tests.integration.gateway_harness import MODEL, CancelListener, FakeWorker, gateway_settings, running_gateway
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -60,7 +60,8 @@ BAD_JSON_BODIES = [
     pytest.param(CHAT, {"messages": OK_MESSAGES, "temperature": -1}, "temperature", id="negative-temperature"),
     pytest.param(CHAT, {"messages": OK_MESSAGES, "top_p": 0}, "top_p", id="zero-top-p"),
     pytest.param(CHAT, {"messages": OK_MESSAGES, "stream": "yes"}, "stream", id="string-stream"),
-    pytest.param(CHAT, {"messages": OK_MESSAGES, "n": 2}, "n", id="n-2"),
+    pytest.param(CHAT, {"messages": OK_MESSAGES, "n": 17}, "n", id="n-over-max"),
+    pytest.param(CHAT, {"messages": OK_MESSAGES, "n": 0}, "n", id="n-0"),
     pytest.param(CHAT, {"messages": OK_MESSAGES, "stop": ""}, "stop", id="empty-stop"),
     pytest.param(CHAT, {"messages": OK_MESSAGES, "stop": ["a"] * 17}, "stop", id="too-many-stops"),
     pytest.param(CHAT, {"messages": OK_MESSAGES, "seed": 2**70}, "seed", id="huge-seed"),
@@ -190,6 +191,21 @@ def test_queue_full_is_429_with_retry_after(redis_url, tiny_artifacts, tmp_path,
                 assert r4.status_code == 200
         metrics = http.get("/metrics").text
     assert 'spindle_admission_rejections_total{reason="queue_full"} 1.0' in metrics
+
+
+def test_n_choices_are_admitted_all_or_nothing(redis_url, tiny_artifacts, tmp_path, worker):
+    """Capacity 2: n=3 is refused whole (429), and the two choices it had queued are cancelled."""
+    settings = gateway_settings(redis_url, tiny_artifacts, tmp_path, queue_capacity=2)
+    cancels = CancelListener(redis_url)
+    try:
+        with running_gateway(settings) as g:
+            r = httpx.post(g.url + COMPLETIONS, json={"prompt": "x", "max_tokens": 5, "n": 3}, timeout=30)
+            assert assert_openai_error(r, 429)["type"] == "server_overloaded" and "retry-after" in r.headers
+            queued = [worker.take_job(timeout=2)[1].request_id for _ in range(2)]
+            assert [q.rsplit("-", 1)[1] for q in queued] == ["0", "1"]
+            assert all(cancels.wait_for(q) for q in queued)
+    finally:
+        cancels.close()
 
 
 def test_api_keys_and_per_key_concurrency(redis_url, tiny_artifacts, tmp_path, worker):

@@ -338,3 +338,53 @@ def test_silent_worker_times_out_the_stream(redis_url, tiny_artifacts, tmp_path,
     events = sse_events(r.text)
     err = json.loads(events[-2]["data"])["error"]
     assert err["type"] == "timeout" and "No tokens" in err["message"]
+
+
+def choice_script(job) -> list[str]:
+    """Each choice's job answers with its own text: ``<i>a``, ``<i>b`` (i: the choice's index)."""
+    i = job.request_id.rsplit("-", 1)[1]
+    return [f"{i}a", f"{i}b"]
+
+
+def test_n_choices_non_streaming(client, worker):
+    with AutoResponder(worker, choice_script) as responder:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3,
+                                           max_tokens=5, temperature=0.9, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == ["0a0b", "1a1b", "2a2b"]
+    assert all(c.finish_reason == "stop" for c in r.choices)
+    jobs = sorted(responder.jobs, key=lambda j: j.request_id)
+    assert [j.request_id for j in jobs] == [f"{r.id}-{i}" for i in range(3)]
+    assert [j.params.seed for j in jobs] == [7, 8, 9]  # choice i samples with seed + i
+    assert len({tuple(j.prompt_token_ids) for j in jobs}) == 1
+    assert r.usage.prompt_tokens == len(jobs[0].prompt_token_ids)  # the prompt counted once
+    assert r.usage.completion_tokens == 6 and r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_n_choices_streaming(client, worker):
+    with AutoResponder(worker, choice_script):
+        chunks = list(client.completions.create(model=MODEL, prompt="To be", n=2, max_tokens=5, stream=True,
+                                                stream_options={"include_usage": True}))
+        chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                                   max_tokens=5, stream=True))
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert texts == {0: "0a0b", 1: "1a1b"} and finishes == {0: "stop", 1: "stop"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert len({c.id for c in chunks}) == 1
+    roles = [c.choices[0].index for c in chat if c.choices[0].delta.role == "assistant"]
+    assert roles == [0, 1]
+    assert {i: "".join(c.choices[0].delta.content or "" for c in chat if c.choices[0].index == i)
+            for i in (0, 1)} == {0: "0a0b", 1: "1a1b"}
+
+
+def test_n_choices_refuse_an_idempotency_key(gw, worker):
+    r = httpx.post(gw.url + "/v1/completions", json={"prompt": "x", "max_tokens": 5, "n": 2},
+                   headers={"Idempotency-Key": "k-1"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert worker.queued() == 0

@@ -109,6 +109,23 @@ def test_prefix_sharing_gives_the_same_tokens(models) -> None:
         assert got[f"s{i}"].tokens == reference(ref, "tiny-llama", system + t, 10)
 
 
+def test_requests_arriving_together_with_one_prompt_compute_it_once(models) -> None:
+    """``n`` choices (or a burst with one system prompt) arrive in one step: the first computes the
+    prompt, the others wait for its blocks and take them from the cache; tokens are unchanged."""
+    model, ref, tok = models["tiny-llama"]
+    prompt = prompts_for(tok, 1, seed=31, min_len=37, max_len=37)[0]  # 9 full blocks of 4 + 1 token
+    engine = make_engine(model, tok, max_batch=4, max_num_batched_tokens=16)  # the prompt takes 3 steps
+    reqs = [EngineRequest(f"c{i}", prompt, greedy(6, ignore_eos=True)) for i in range(4)]
+    got = run_to_completion(engine, reqs)
+    assert engine.stats().prefix_cache_hits == 3 * 36
+    want = hf_greedy_no_eos(ref, prompt, 6, tok)
+    assert all(got[f"c{i}"].tokens == want for i in range(4))
+    # without prefix caching every request computes the whole prompt, with the same tokens
+    plain = make_engine(model, tok, max_batch=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert {k: v.tokens for k, v in run_to_completion(plain, reqs).items()} == {k: v.tokens for k, v in got.items()}
+    assert plain.stats().prefix_cache_hits == 0
+
+
 def test_preempted_sequence_recomputes_from_its_cached_blocks(models) -> None:
     model, _, tok = models["tiny-llama"]
     prompts = prompts_for(tok, 4, seed=15, min_len=20, max_len=20)

@@ -148,7 +148,7 @@ def test_chat_request_maps_to_sampling_params():
     assert parts.messages[0].for_template() == {"role": "user", "content": "ab"}
 
 
-@pytest.mark.parametrize("extra", [{"max_tokens": True}, {"max_tokens": "3"}, {"temperature": "1"}, {"n": 3},
+@pytest.mark.parametrize("extra", [{"max_tokens": True}, {"max_tokens": "3"}, {"temperature": "1"}, {"n": 17},
                                    {"top_p": 1.5}, {"stream": 1}, {"response_format": {"type": "json_object"}},
                                    {"logit_bias": {"1": 5}}, {"tool_choice": "required"}])
 def test_chat_request_is_strict(extra):

@@ -7,7 +7,10 @@ recomputing. Freed blocks keep their hash and sit in an LRU free list: they are 
 and overwritten only when no never-used or older block is left.
 
 Only blocks whose KV is already computed are registered (``register_computed``), so a request can
-never reuse a block that another request is still filling.
+never reuse a block that another request is still filling. Instead, the scheduler holds back a
+request whose next uncached block another running sequence is computing right now
+(``prefix_in_flight``): requests that arrive together with one prompt (``n`` choices, a burst with
+one system prompt) compute it once and share its blocks, rather than each computing its own copy.
 """
 
 from __future__ import annotations
@@ -88,6 +91,34 @@ class BlockManager:
             hits.append((block_id, h))
             parent = h
         return hits
+
+    def prompt_hashes(self, seq: Sequence) -> list[int]:
+        """Chain hashes of the prompt's full blocks that a request may take from the cache (all but
+        one token is cacheable: the last one is always computed)."""
+        if seq.prompt_block_hashes is None:
+            bs, hashes, parent = self.block_size, [], None
+            for i in range((seq.num_prompt_tokens - 1) // bs):
+                parent = chain_hash(parent, tuple(seq.prompt_ids[i * bs:(i + 1) * bs]))
+                hashes.append(parent)
+            seq.prompt_block_hashes = hashes
+        return seq.prompt_block_hashes
+
+    def prefix_in_flight(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """True when the first prompt block of waiting ``seq`` that is not cached yet is being
+        computed by one of ``running`` (same chain hash, not yet registered): wait for it."""
+        if not self.enable_prefix_caching:
+            return False
+        hashes = self.prompt_hashes(seq)
+        k = 0
+        while k < len(hashes) and hashes[k] in self.hash_to_block:
+            k += 1
+        if k == len(hashes):
+            return False
+        for other in running:
+            if len(other.block_hashes) <= k < len(other_hashes := self.prompt_hashes(other)) \
+                    and other_hashes[k] == hashes[k]:
+                return True
+        return False
 
     def allocate(self, seq: Sequence) -> bool:
         """Give a new (or preempted) ``seq`` blocks for all its tokens, reusing cached prefix blocks.

@@ -54,6 +54,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, found in the prefix cache at admission
         self.num_preemptions = 0
+        self.prompt_block_hashes: list[int] | None = None  # chain hashes of the prompt's blocks (lazily)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,8 +4,9 @@ Every step: (1) running sequences that are decoding get one token each, first co
 a decode that needs a new block and finds none preempts the most recently admitted sequence (its
 blocks are freed and it recomputes later), possibly itself; (2) sequences part-way through a
 chunked prefill get their next chunk; (3) waiting sequences are admitted while there are batch
-slots, blocks for their whole context and token budget. Prefill chunks share the per-step token
-budget, so a long prompt cannot stall everyone's next token.
+slots, blocks for their whole context and token budget, except those whose next prompt block a
+running sequence is computing (they wait for it to be cached and share it). Prefill chunks share
+the per-step token budget, so a long prompt cannot stall everyone's next token.
 
 No deadlock: a sequence never needs more blocks than the pool holds (the engine caps the context
 length at the pool's size), so a lone running sequence can always proceed.
@@ -94,9 +95,14 @@ class Scheduler:
                 n = min(need, budget)
                 batch.items.append((seq, n))
                 budget -= n
-        # 3. admissions (not in a step that had to preempt: blocks are short)
+        # 3. admissions (not in a step that had to preempt: blocks are short); a request whose prompt
+        # blocks a running sequence is computing waits a step or two and takes them from the cache
+        held: list[Sequence] = []
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if self.bm.prefix_in_flight(seq, self.running):
+                held.append(self.waiting.popleft())
+                continue
             if not self.bm.allocate(seq):
                 if not self.running and self.bm.num_free == self.bm.num_blocks:
                     self.waiting.popleft()  # larger than the whole pool: can never run
@@ -109,4 +115,5 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             batch.items.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         return batch
