@@ -28,6 +28,8 @@ ASSIGNMENT = re.compile(r"^#\s?([A-Z][A-Z0-9_]*)=(.*)$")
 THIRD_PARTY = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": "the OpenTelemetry SDK",
     "COMPOSE_PROFILES": "docker compose itself",
+    "OMP_WAIT_POLICY": "libgomp (torch's OpenMP runtime); the worker sets PASSIVE unless this or GOMP_SPINCOUNT is set",
+    "GOMP_SPINCOUNT": "libgomp (torch's OpenMP runtime)",
 }
 # Read by docker-compose.yml only, as ${NAME:-default}; the default there must be the one here.
 COMPOSE_ONLY = {"SPINDLE_TAG", "WORKER_STOP_GRACE_PERIOD", "REDIS_MAXMEMORY", "IMPORT_HOST_DIR",
