@@ -230,10 +230,11 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         if key != "output_tok_s":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(systems), fontsize=8, frameon=False)
     fig.suptitle(f"spindle engine vs baselines ({report['environment']['dtype']}, "
                  f"{report['environment']['cores']} cores)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
