@@ -136,3 +136,41 @@ def test_engine_thread_delivers_outputs_and_cancels(tiny_artifacts) -> None:
     finally:
         thread.stop()
     assert not thread.alive
+
+
+def test_engine_thread_builds_its_engine_on_its_own_thread(tiny_artifacts):
+    """All of a model's torch work on one thread (one OpenMP team; see engine_thread.py): the build
+    function runs on the engine thread, and a failing build is re-raised by wait_ready()."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from worker.engine.echo_engine import EchoEngine
+    from worker.engine.engine_thread import EngineThread
+
+    tok = AutoTokenizer.from_pretrained(tiny_artifacts / "tiny-llama")
+    built_on: list[str] = []
+
+    def build() -> EchoEngine:
+        built_on.append(threading.current_thread().name)
+        return EchoEngine(tok, step_delay=0.001)
+
+    thread = EngineThread.launch(build, name="engine-under-test")
+    try:
+        engine = thread.wait_ready(30)
+        assert isinstance(engine, EchoEngine) and built_on == ["engine-under-test"]
+        done = threading.Event()
+        thread.on_outputs = lambda outs: done.set() if any(o.finish_reason for o in outs) else None
+        thread.add_request(EngineRequest("a", [5, 6], SamplingParams(max_tokens=3)))
+        assert done.wait(30)
+    finally:
+        thread.stop()
+
+    def broken() -> EchoEngine:
+        raise LookupError("no such model")
+
+    failed = EngineThread.launch(broken)
+    with pytest.raises(LookupError, match="no such model"):
+        failed.wait_ready(30)
+    failed.stop()
+    assert not failed.alive
