@@ -1,4 +1,5 @@
-"""The paged engine in bfloat16, the CPU default where the CPU has native bf16 (AVX512-BF16/AMX).
+"""The paged engine in bfloat16 (the CPU default where the CPU has native bf16: AVX512-BF16/AMX) and
+float16 (``DTYPE=float16``; the CUDA fallback where bf16 is missing).
 
 Token-for-token equality with ``generate`` is the float32 check (``test_engine_paged``). In bf16 two
 correct implementations round differently and part ways at the first near-tie, so here every token
@@ -24,11 +25,12 @@ from worker.engine.paged_engine import PagedEngine
 MARGIN = 0.15
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ARCHS)
-def test_bf16_greedy_tokens_are_float32_argmaxes(tiny_artifacts, name: str) -> None:
-    model, tok = load_model(tiny_artifacts / name, "cpu", "bfloat16")
+def test_half_precision_greedy_tokens_are_float32_argmaxes(tiny_artifacts, name: str, dtype: str) -> None:
+    model, tok = load_model(tiny_artifacts / name, "cpu", dtype)
     ref, _ = load_model(tiny_artifacts / name, "cpu", "float32")
-    assert next(model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
     shared = prompts_for(tok, 1, seed=21, min_len=20, max_len=20)[0]
     prompts = [shared + p for p in prompts_for(tok, 3, seed=22, min_len=1, max_len=30)]
     prompts += prompts_for(tok, 3, seed=23, min_len=2, max_len=60)
