@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,43 @@ def two_worker_system(tmp_path_factory, drill_artifacts) -> Iterator[System]:
     wait_workers(s, 2)
     yield s
     stop_system(s)
+
+
+class PeakRss:
+    """The peak RSS of the whole system (``spindle up`` and every process under it: Redis, gateway,
+    workers), sampled every 0.2 s on a thread while the ``with`` block runs."""
+
+    def __init__(self, system: System) -> None:
+        self.root = psutil.Process(system.proc.pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _total(self) -> int:
+        total = 0
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._total())
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def mib(self) -> int:
+        return self.peak >> 20
 
 
 def worker_processes(system: System) -> list[psutil.Process]:

@@ -15,7 +15,7 @@ import redis
 
 from protocol import keys
 from protocol.messages import TokenEvent, WorkerInfo
-from tests.drills.conftest import DRILL_MODEL, stream_completion, wait_workers
+from tests.drills.conftest import DRILL_MODEL, PeakRss, stream_completion, wait_workers
 
 pytestmark = pytest.mark.drill
 N = 16
@@ -49,7 +49,8 @@ def test_half_the_clients_disconnect(two_worker_system):
                   for i, p in enumerate(prompts)))
             return reference, results
 
-    reference, results = asyncio.run(run())
+    with PeakRss(two_worker_system) as rss:
+        reference, results = asyncio.run(run())
     assert results[1::2] == reference  # the clients that stayed got exactly their text
     r = redis.Redis.from_url(two_worker_system.redis_url)
     hung_up = results[0::2]
@@ -77,5 +78,6 @@ def test_half_the_clients_disconnect(two_worker_system):
     print(f"\ndrill 5 (disconnects): {N} streams, {len(hung_up)} hung up after 3 chunks, {len(cancelled)} of their "
           f"jobs cancelled (at most {max(evs[-1].completion_tokens for evs in cancelled)} of {MAX_TOKENS} tokens "
           f"computed), {sum(a == b for a, b in zip(results[1::2], reference, strict=True))} of {len(reference)} "
-          f"others exact, slots busy afterwards: {sum(i.running + i.waiting for i in infos)}")
+          f"others exact, slots busy afterwards: {sum(i.running + i.waiting for i in infos)}; peak RSS of the "
+          f"system {rss.mib} MiB")
     assert sum(i.running + i.waiting for i in infos) == 0, infos

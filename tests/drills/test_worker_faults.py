@@ -13,7 +13,7 @@ import signal
 import httpx
 import pytest
 
-from tests.drills.conftest import run_concurrently, stream_completion, wait_workers, worker_processes
+from tests.drills.conftest import PeakRss, run_concurrently, stream_completion, wait_workers, worker_processes
 
 pytestmark = pytest.mark.drill
 N = 32
@@ -44,12 +44,13 @@ def undisturbed(two_worker_system) -> list:
 def test_worker_dies_under_load_and_nothing_is_lost(two_worker_system, undisturbed, sig):
     wait_workers(two_worker_system, 2)
     victim = worker_processes(two_worker_system)[0]
-    results = asyncio.run(_run_all(two_worker_system.gateway, lambda: os.kill(victim.pid, sig)))
+    with PeakRss(two_worker_system) as rss:
+        results = asyncio.run(_run_all(two_worker_system.gateway, lambda: os.kill(victim.pid, sig)))
     failed = [r for r in results if isinstance(r, BaseException)]
     differ = sum(1 for got, want in zip(results, undisturbed, strict=True) if got != want)
     print(f"\ndrill {'1 (kill -9)' if sig == signal.SIGKILL else '4 (SIGTERM)'}: {N} streaming requests x "
           f"{MAX_TOKENS} tokens, {N - len(failed)} completed, {len(failed)} failed, {differ} differ from an "
-          f"undisturbed run (a lost or duplicated token would show here)")
+          f"undisturbed run (a lost or duplicated token would show here); peak RSS of the system {rss.mib} MiB")
     assert not failed, f"{len(failed)} of {N} requests failed: {failed[:3]}"
     mismatched = [i for i, (got, want) in enumerate(zip(results, undisturbed, strict=True)) if got != want]
     detail = [(results[i], undisturbed[i]) for i in mismatched[:2]]
