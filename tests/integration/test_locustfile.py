@@ -1,6 +1,6 @@
 """``deploy/load/locustfile.py`` runs: a few seconds of locust (headless, its own process: locust
 monkey-patches the interpreter with gevent) against a real gateway answered by a ``FakeWorker``.
-Skipped when locust is not installed (it is in the ``load`` extra, not in ``dev``)."""
+Skipped only when locust is not installed (the ``load`` extra; ``dev`` includes it)."""
 
 from __future__ import annotations
 
