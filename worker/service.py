@@ -83,7 +83,7 @@ class ModelServer:
 
     def __init__(self, worker: Worker, model: str, engine: Engine, device: str = "cpu", dtype: str = "",
                  thread: EngineThread | None = None):
-        """``thread``: the engine's thread when it was built there (``Worker.load_model``); else one is made."""
+        """``thread``: the engine's thread when it was built there (``Worker.launch_model``); else one is made."""
         self.worker = worker
         self.model = model
         self.engine = engine

@@ -2,14 +2,14 @@
 
 Requests and cancellations are queued and applied on the engine thread between two steps, so an
 engine never sees two threads. The thread sleeps on a condition while there is nothing to do.
+Outputs of each step go to ``on_outputs`` (called on the engine thread: it must only hand them over,
+e.g. with ``loop.call_soon_threadsafe``).
 
 Build the engine on this thread too (``EngineThread.launch(build, ...)``, then ``wait_ready()``):
 each thread that runs parallel torch ops gets its own OpenMP team, and once a second team exists
 (the model loaded and its weights packed on another thread) libgomp sees more threads than cores
 and stops spinning between parallel regions: a batch-1 decode step took 64 ms instead of 32 ms, and
 the benchmark's mixed workload ran 2x slower. One thread does all of a model's torch work.
-Outputs of each step go to ``on_outputs`` (called on the engine thread: it must only hand them over,
-e.g. with ``loop.call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -104,12 +104,9 @@ class EngineThread:
                 self.engine = self._build()
             except BaseException as e:  # handed to wait_ready()
                 self._build_error = e
-                self._stop = True
-            finally:
-                self._ready.set()
-            if self._build_error is not None:
-                return
         self._ready.set()
+        if self._build_error is not None:
+            return
         engine = self.engine
         while True:
             with self._cond:
